@@ -1,0 +1,177 @@
+"""The command line: ``pipeline run``, ``pipeline serve``.
+
+Exit codes: 0 every row ok; 1 the job could not run; 2 usage error (job file, flags, input);
+3 finished with failed rows; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from pipeline.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    JobFileError,
+    PipelineError,
+)
+from pipeline.jobspec import JobSpec, Overrides, apply_overrides, load_job
+from pipeline.pricing import provider_of
+from pipeline.redact import redact
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _report_errors(func: F) -> F:
+    """Turn a :class:`PipelineError` into a one-line message and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as exc:
+            click.echo(f"error: {redact(str(exc), None)}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Cli(click.Group):
+    """Loads ``serve`` lazily so ``pipeline run`` does not import the server."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "serve"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "serve":
+            return _server_command()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeline")
+def cli() -> None:
+    """Batch LLM jobs against OpenAI-compatible endpoints: resumable, rate-limited, costed."""
+
+
+def _api_key(job: JobSpec, *, local: bool) -> str | None:
+    """The API key from the environment; required unless the endpoint is on this machine."""
+    if local or job.request.api_key_env is None:
+        return None
+    key = job.api_key()
+    if key:
+        return key
+    if provider_of(job.request.base_url) == "local":
+        return None
+    variable = job.request.api_key_env
+    raise JobFileError(
+        job.source,
+        "[request] api_key_env",
+        f"the environment variable {variable} is not set.",
+        f"Export your key (export {variable}=...) or add --local to run against the "
+        "built-in server.",
+    )
+
+
+@contextlib.contextmanager
+def _endpoint(job: JobSpec, *, local: bool) -> Iterator[JobSpec]:
+    """The job, pointed at an embedded local server for the run's duration when ``local``."""
+    if not local:
+        yield job
+        return
+    from pipeline.localserver import LocalServer
+    from pipeline.server import ServerOptions
+
+    with LocalServer(ServerOptions()) as base_url:
+        yield apply_overrides(job, Overrides(base_url=base_url))
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--local", is_flag=True, help="Run against the built-in server (no API key).")
+@click.option("--input", "input_path", help="Read rows from this file, glob or folder.")
+@click.option("--output", "output_path", help="Write the output Parquet here.")
+@click.option("--base-url", help="Send requests to this OpenAI-compatible base URL.")
+@click.option("--limit", type=click.IntRange(min=1), help="Process only the first N rows.")
+@click.option("--fresh", is_flag=True, help="Forget earlier results of this job; start over.")
+@click.option("--retry-failed", is_flag=True, help="Send rows again that ended failed.")
+@_report_errors
+def run(
+    job_file: str,
+    *,
+    local: bool,
+    input_path: str | None,
+    output_path: str | None,
+    base_url: str | None,
+    limit: int | None,
+    fresh: bool,
+    retry_failed: bool,
+) -> None:
+    """Run JOB_FILE: send one request per input row and write the output Parquet."""
+    from pipeline.progress import LiveReporter
+    from pipeline.runner import Runner, RunOptions
+
+    if local and base_url:
+        raise click.UsageError("--local and --base-url cannot be used together.")
+    job = apply_overrides(
+        load_job(job_file),
+        Overrides(input=input_path, output=output_path, base_url=base_url, limit=limit),
+    )
+    api_key = _api_key(job, local=local)
+    reporter = LiveReporter()
+    options = RunOptions(fresh=fresh, retry_failed=retry_failed)
+    with _endpoint(job, local=local) as target:
+        runner = Runner(target, api_key=api_key, options=options, reporter=reporter)
+        scan = runner.prepare()
+        try:
+            report = anyio.run(runner.run, scan)
+        except KeyboardInterrupt:
+            reporter.close()
+            click.echo(
+                f"\ninterrupted: finished rows are saved in {target.output.state_path}. "
+                "Run the same command again to resume.",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+        finally:
+            reporter.close()
+    sys.exit(EXIT_OK if report.all_ok else EXIT_ROWS_FAILED)
+
+
+def _server_command() -> click.Command:
+    """``pipeline serve``, with one option per field of :class:`ServerOptions`."""
+    from pipeline.server import ServerOptions, serve
+
+    @click.command(name="serve")
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+    @click.option("--port", default=8000, show_default=True, help="Port (0 picks a free one).")
+    def command(host: str, port: int, **fields: Any) -> None:
+        """Run the built-in OpenAI-compatible server (what tests and --local use)."""
+        options = ServerOptions(**fields)
+
+        def ready(bound: int) -> None:
+            click.echo(f"listening on http://{host}:{bound}/v1 (profile {options.profile})")
+
+        serve(options, host=host, port=port, on_ready=ready)
+
+    for field in reversed(dataclasses.fields(ServerOptions)):
+        default = field.default
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+        command = click.option(
+            flag, field.name, default=default, show_default=True, type=type(default)
+        )(command)
+    return command
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,53 @@
+"""Pure: turn a batch of input rows into planned requests (id, key, body or failure).
+
+The same planning runs when sending and when assembling the output, so both agree on each
+row's request key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.templating import RenderFailure, RequestTemplate, encode_body, request_key
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRow:
+    row: int
+    key: str
+    body: bytes | None
+    """The request body, or None when the row cannot be rendered."""
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Planner:
+    template: RequestTemplate
+    url: str
+    id_column: str | None
+
+    @property
+    def columns(self) -> list[str]:
+        """The input columns that planning reads."""
+        wanted = list(self.template.columns)
+        if self.id_column is not None:
+            wanted.append(self.id_column)
+        return list(dict.fromkeys(wanted))
+
+    def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
+        """Planned rows for ``batch``, whose first row is input row ``start``."""
+        rows: list[dict[str, Any]] = batch.to_pylist()
+        for offset, row in enumerate(rows):
+            index = start + offset
+            row_id = str(row[self.id_column]) if self.id_column is not None else str(index)
+            body = self.template.body(row)
+            if isinstance(body, RenderFailure):
+                key = request_key(self.url, b"", row_id)
+                yield PlannedRow(index, key, None, body.reason)
+                continue
+            encoded = encode_body(body)
+            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None)

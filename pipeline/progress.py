@@ -1,0 +1,148 @@
+"""What a person sees: a live bar on a terminal, plain log lines elsewhere, a summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from decimal import Decimal
+from typing import TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.jobspec import JobSpec
+from pipeline.runner import Reporter, RunReport
+from pipeline.sources import InputScan
+from pipeline.stats import Snapshot
+
+LOG_EVERY_S = 10.0
+
+
+def money(value: Decimal | None, *, known: bool = True) -> str:
+    """Dollars for display; an unknown price shows as unknown, never as $0."""
+    if value is None or not known:
+        return "unknown (no price for this model)"
+    if value and abs(value) < Decimal("0.01"):
+        return f"${value:.6f}"
+    return f"${value:,.4f}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def figures(s: Snapshot, *, price_known: bool) -> str:
+    """One line of live figures."""
+    parts = [
+        f"ok {s.ok + s.resumed_rows - s.resumed_failed:,}",
+        f"failed {s.failed + s.resumed_failed:,}",
+        f"{s.requests_per_s:,.1f} req/s",
+        f"{s.tokens_per_s:,.0f} tok/s",
+        money(s.cost_usd, known=price_known) if price_known else "cost unknown",
+        f"ETA {duration(s.eta_s)}",
+        f"in flight {s.in_flight}",
+    ]
+    if s.retries:
+        parts.append(f"retries {s.retries:,}")
+    if s.rate_limited:
+        parts.append(f"429s {s.rate_limited:,}")
+    return " · ".join(parts)
+
+
+class LiveReporter(Reporter):
+    """A rich live display on a terminal, or a log line every few seconds elsewhere."""
+
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.console = Console(file=self.stream, highlight=False)
+        self.live_mode = self.console.is_terminal if live is None else live
+        self._live: Live | None = None
+        self._last_log = 0.0
+        self._job = ""
+        self._price_known = True
+
+    def start(self, job: JobSpec, scan: InputScan) -> None:
+        from pipeline.pricing import resolve_price
+
+        self._job = job.name
+        self._price_known = (
+            resolve_price(job.request.base_url, job.request.model, job.pricing) is not None
+        )
+        files = len(scan.files)
+        self.console.print(
+            f"[bold]{job.name}[/bold]: {scan.rows:,} rows from {files} file"
+            f"{'s' if files != 1 else ''} -> {job.request.base_url} "
+            f"({job.request.model}), up to {job.limits.max_in_flight} in flight"
+        )
+        if not self._price_known:
+            self.console.print(
+                f"[yellow]No price is known for {job.request.model} at "
+                f"{job.request.base_url}: costs will show as unknown. Add a [pricing] table "
+                "to the job to track spend.[/yellow]"
+            )
+        if self.live_mode:
+            self._live = Live(console=self.console, refresh_per_second=4, transient=True)
+            self._live.start()
+
+    def _render(self, s: Snapshot) -> Group:
+        total = max(s.total_rows, 1)
+        bar = ProgressBar(total=total, completed=s.done, width=40)
+        head = Text(f"{s.done:,}/{s.total_rows:,} rows ({100 * s.done / total:.1f}%)  ")
+        line = Table.grid(padding=(0, 1))
+        line.add_row(bar, head)
+        return Group(line, Text(figures(s, price_known=self._price_known), style="dim"))
+
+    def update(self, snapshot: Snapshot) -> None:
+        if self._live is not None:
+            self._live.update(self._render(snapshot))
+            return
+        now = time.monotonic()
+        if now - self._last_log < LOG_EVERY_S:
+            return
+        self._last_log = now
+        s = snapshot
+        pct = 100 * s.done / max(s.total_rows, 1)
+        self.console.print(
+            f"[{self._job}] {s.done:,}/{s.total_rows:,} rows ({pct:.1f}%) · "
+            + figures(s, price_known=self._price_known)
+        )
+
+    def finish(self, report: RunReport) -> None:
+        self.close()
+        print_summary(self.console, report)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def print_summary(console: Console, report: RunReport) -> None:
+    s = report.final
+    table = Table(title=f"{report.job}: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("rows ok", f"{s.ok + s.resumed_rows - s.resumed_failed:,}")
+    table.add_row("rows failed", f"{s.failed + s.resumed_failed:,}")
+    if s.resumed_rows:
+        table.add_row("from earlier runs", f"{s.resumed_rows:,}")
+    table.add_row(
+        "requests sent", f"{s.requests:,} ({s.retries:,} retries, {s.rate_limited:,} 429s)"
+    )
+    table.add_row("input tokens", f"{s.usage.prompt_tokens:,} ({s.usage.cached_tokens:,} cached)")
+    table.add_row(
+        "output tokens",
+        f"{s.usage.completion_tokens:,} ({s.usage.reasoning_tokens:,} reasoning)",
+    )
+    table.add_row("cost (this run)", money(s.cost_usd, known=report.price_known))
+    table.add_row("wall time", f"{s.elapsed_s:.1f} s ({s.requests_per_s:,.1f} req/s)")
+    table.add_row("output", str(report.output))
+    console.print(table)

@@ -1,0 +1,82 @@
+"""The result of one row, as kept in the journal and written to the output."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+from pipeline.pricing import ZERO_USAGE, Usage
+
+Status = Literal["ok", "failed"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowResult:
+    key: str
+    """The request key (see :func:`pipeline.templating.request_key`)."""
+    row: int
+    """The row's number in the input, from 0."""
+    status: Status
+    response: str | None = None
+    reasoning: str | None = None
+    finish_reason: str | None = None
+    usage: Usage = ZERO_USAGE
+    """Summed over every billed attempt."""
+    cost_usd: Decimal | None = None
+    """Exact cost of every billed attempt; None when the price is unknown."""
+    attempts: int = 0
+    latency_ms: int | None = None
+    error: str | None = None
+    model: str | None = None
+
+    def to_json(self) -> str:
+        usage = self.usage
+        return json.dumps(
+            {
+                "key": self.key,
+                "row": self.row,
+                "status": self.status,
+                "response": self.response,
+                "reasoning": self.reasoning,
+                "finish_reason": self.finish_reason,
+                "tokens": [
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.cached_tokens,
+                    usage.reasoning_tokens,
+                ],
+                "cost_usd": None if self.cost_usd is None else str(self.cost_usd),
+                "attempts": self.attempts,
+                "latency_ms": self.latency_ms,
+                "error": self.error,
+                "model": self.model,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RowResult:
+        prompt, completion, cached, reasoning = data["tokens"]
+        cost = data.get("cost_usd")
+        return cls(
+            key=data["key"],
+            row=data["row"],
+            status=data["status"],
+            response=data.get("response"),
+            reasoning=data.get("reasoning"),
+            finish_reason=data.get("finish_reason"),
+            usage=Usage(
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                reasoning_tokens=reasoning,
+            ),
+            cost_usd=None if cost is None else Decimal(cost),
+            attempts=data.get("attempts", 0),
+            latency_ms=data.get("latency_ms"),
+            error=data.get("error"),
+            model=data.get("model"),
+        )

@@ -1,0 +1,126 @@
+"""The output Parquet file: one row per input row, in input order.
+
+The file is written to a temporary name beside the target, fsynced, and renamed into place,
+so a reader never sees a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, StateError
+from pipeline.records import RowResult
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("status", pa.string()),
+        ("response", pa.string()),
+        ("reasoning", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("attempts", pa.int64()),
+        ("latency_ms", pa.int64()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+    ]
+)
+RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
+
+
+def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
+    """Columns of :data:`RESULT_SCHEMA` for ``results``, in order."""
+    columns: dict[str, list[object]] = {name: [] for name in RESULT_COLUMNS}
+    for r in results:
+        columns["status"].append(r.status)
+        columns["response"].append(r.response)
+        columns["reasoning"].append(r.reasoning)
+        columns["finish_reason"].append(r.finish_reason)
+        columns["prompt_tokens"].append(r.usage.prompt_tokens)
+        columns["completion_tokens"].append(r.usage.completion_tokens)
+        columns["cached_tokens"].append(r.usage.cached_tokens)
+        columns["reasoning_tokens"].append(r.usage.reasoning_tokens)
+        columns["cost_usd"].append(None if r.cost_usd is None else float(r.cost_usd))
+        columns["attempts"].append(r.attempts)
+        columns["latency_ms"].append(r.latency_ms)
+        columns["error"].append(r.error)
+        columns["model"].append(r.model)
+    return [pa.array(columns[field.name], type=field.type) for field in RESULT_SCHEMA]
+
+
+class OutputWriter:
+    """Writes output batches to ``path`` atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.partial")
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self.rows = 0
+
+    def __enter__(self) -> OutputWriter:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the output folder {self.path.parent} ({exc})."
+            ) from None
+        return self
+
+    def write(
+        self,
+        id_array: pa.Array,
+        kept: Sequence[tuple[str, pa.Array]],
+        results: Sequence[RowResult],
+    ) -> None:
+        names = ["id", *(name for name, _ in kept), *RESULT_COLUMNS]
+        arrays = [id_array, *(array for _, array in kept), *result_arrays(results)]
+        batch = pa.RecordBatch.from_arrays(arrays, names=names)
+        if self._schema is None:
+            self._schema = pa.schema(
+                [
+                    f if not pa.types.is_null(f.type) else f.with_type(pa.string())
+                    for f in batch.schema
+                ]
+            )
+            self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+        try:
+            batch = batch.cast(self._schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise InputError(
+                self.path,
+                f"an input column changes type between rows ({exc}). "
+                "Give each kept column and the id column one type.",
+            ) from None
+        assert self._writer is not None
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if exc_type is not None:
+            self._tmp.unlink(missing_ok=True)
+            return
+        if self._writer is None:
+            return
+        try:
+            with self._tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            self._tmp.replace(self.path)
+        except OSError as exc_:
+            raise StateError(f"cannot write the output {self.path} ({exc_}).") from None

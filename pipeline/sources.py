@@ -1,0 +1,329 @@
+"""Stream input rows from Parquet and JSONL files, in batches, in a stable order.
+
+An input path is one file, a glob (``data/*.parquet``) or a folder (its ``.parquet``,
+``.jsonl``, ``.ndjson`` files, optionally ``.gz``, sorted by name). Rows are numbered from 0
+across all files in that order; without an ``id_column`` the row number is the row's id.
+
+Memory is bounded by the batch size: files are read batch by batch and only the columns the
+job needs are materialised. :func:`scan_input` is the one full pass made before any request:
+it counts rows, checks that the id column is present, non-null and unique (8 bytes a row),
+and reports malformed JSON lines with their line number.
+"""
+
+from __future__ import annotations
+
+import array
+import glob
+import gzip
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, JobFileError
+
+Format = Literal["parquet", "jsonl"]
+_SUFFIXES: dict[str, Format] = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+DEFAULT_BATCH_ROWS = 2048
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputFile:
+    path: Path
+    format: Format
+    gzipped: bool = False
+
+
+def _format_of(path: Path) -> tuple[Format, bool] | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = bool(suffixes) and suffixes[-1] == ".gz"
+    if gzipped:
+        suffixes = suffixes[:-1]
+    if not suffixes or suffixes[-1] not in _SUFFIXES:
+        return None
+    return _SUFFIXES[suffixes[-1]], gzipped
+
+
+def resolve_input(pattern: str, job_source: str) -> tuple[InputFile, ...]:
+    """The input files a job's ``[input] path`` names, in reading order."""
+    key = "[input] path"
+    path = Path(pattern)
+    if any(ch in pattern for ch in "*?["):
+        candidates = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        if not candidates:
+            raise JobFileError(job_source, key, f"the pattern {pattern!r} matches no file.")
+    elif path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if p.is_file())
+        candidates = [p for p in candidates if _format_of(p) is not None]
+        if not candidates:
+            raise JobFileError(
+                job_source, key, f"the folder {pattern!r} holds no .parquet or .jsonl file."
+            )
+    elif path.is_file():
+        candidates = [path]
+    else:
+        raise JobFileError(
+            job_source,
+            key,
+            f"no such file or folder: {pattern!r}.",
+            "Paths are relative to the folder you run pipeline from.",
+        )
+    files = []
+    for candidate in candidates:
+        kind = _format_of(candidate)
+        if kind is None:
+            raise JobFileError(
+                job_source,
+                key,
+                f"cannot read {str(candidate)!r}: "
+                "use .parquet, .jsonl or .ndjson (optionally .gz).",
+            )
+        files.append(InputFile(path=candidate, format=kind[0], gzipped=kind[1]))
+    return tuple(files)
+
+
+def _open_text(file: InputFile) -> IO[str]:
+    if file.gzipped:
+        return io.TextIOWrapper(gzip.open(file.path, "rb"), encoding="utf-8")
+    return file.path.open("r", encoding="utf-8")
+
+
+def _jsonl_records(file: InputFile) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is an :class:`InputError`."""
+    try:
+        with _open_text(file) as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(
+                        file.path, f"line {number} is not valid JSON ({exc.msg}). Fix that line."
+                    ) from None
+                if not isinstance(record, dict):
+                    raise InputError(file.path, f"line {number} is not a JSON object.")
+                yield number, record
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise InputError(file.path, f"cannot be read ({exc}).") from None
+
+
+def _parquet(file: InputFile) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file.path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(file.path, f"is not a readable Parquet file ({exc}).") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputScan:
+    """What the pre-flight pass learned about the input."""
+
+    files: tuple[InputFile, ...]
+    rows: int
+    columns: frozenset[str]
+    """Columns present in the input (for JSONL: keys seen in any row)."""
+
+
+def _id_hash(value: Any) -> int:
+    # Python's hash is stable within one process, which is all a duplicate check needs.
+    return hash(value) if not isinstance(value, (dict, list)) else hash(json.dumps(value))
+
+
+def scan_input(
+    files: Sequence[InputFile], *, id_column: str | None, limit: int | None, job_source: str
+) -> InputScan:
+    """Count rows, collect column names, and check ids; raises on anything unusable."""
+    columns: set[str] = set()
+    hashes = array.array("q")
+    rows = 0
+    for file in files:
+        budget = None if limit is None else limit - rows
+        if budget is not None and budget <= 0:
+            break
+        if file.format == "parquet":
+            rows += _scan_parquet(
+                file,
+                id_column=id_column,
+                budget=budget,
+                hashes=hashes,
+                columns=columns,
+                job_source=job_source,
+            )
+        else:
+            rows += _scan_jsonl(
+                file, id_column=id_column, budget=budget, hashes=hashes, columns=columns
+            )
+    if id_column is not None and hashes:
+        _check_unique(files, id_column, hashes, limit)
+    return InputScan(files=tuple(files), rows=rows, columns=frozenset(columns))
+
+
+def _scan_parquet(
+    file: InputFile,
+    *,
+    id_column: str | None,
+    budget: int | None,
+    hashes: array.array[int],
+    columns: set[str],
+    job_source: str,
+) -> int:
+    parquet = _parquet(file)
+    names = parquet.schema_arrow.names
+    columns.update(names)
+    total = int(parquet.metadata.num_rows)
+    count = total if budget is None else min(total, budget)
+    if id_column is None:
+        return count
+    if id_column not in names:
+        raise _missing_id(job_source, id_column, file.path, names)
+    for row, value in enumerate(iter_column([file], id_column, count)):
+        if value is None:
+            raise InputError(
+                file.path,
+                f"the id column {id_column!r} is null in row {row} (0-based). "
+                "Every row needs an id.",
+            )
+        hashes.append(_id_hash(value))
+    return count
+
+
+def _scan_jsonl(
+    file: InputFile,
+    *,
+    id_column: str | None,
+    budget: int | None,
+    hashes: array.array[int],
+    columns: set[str],
+) -> int:
+    count = 0
+    for number, record in _jsonl_records(file):
+        if budget is not None and count >= budget:
+            break
+        columns.update(record)
+        if id_column is not None:
+            value = record.get(id_column)
+            if value is None:
+                raise InputError(
+                    file.path,
+                    f"line {number} has no value for the id column {id_column!r}. "
+                    "Every row needs an id.",
+                )
+            hashes.append(_id_hash(value))
+        count += 1
+    return count
+
+
+def _missing_id(job_source: str, id_column: str, path: Path, names: Sequence[str]) -> JobFileError:
+    shown = ", ".join(list(names)[:20])
+    return JobFileError(
+        job_source,
+        "[input] id_column",
+        f"{path} has no column {id_column!r} (its columns: {shown}).",
+        "Name an existing column, or remove id_column to use row numbers.",
+    )
+
+
+def _check_unique(
+    files: Sequence[InputFile], id_column: str, hashes: array.array[int], limit: int | None
+) -> None:
+    """Raise naming the first duplicated id, if any (hash first, then exact values)."""
+    series = pl.Series("h", hashes, dtype=pl.Int64)
+    dup_hashes = set(series.filter(series.is_duplicated()).unique().to_list())
+    if not dup_hashes:
+        return
+    first_seen: dict[Any, int] = {}
+    for index, value in enumerate(iter_column(files, id_column, limit)):
+        if _id_hash(value) not in dup_hashes:
+            continue
+        key = json.dumps(value, sort_keys=True, default=str)
+        if key in first_seen:
+            raise InputError(
+                files[0].path if len(files) == 1 else ", ".join(str(f.path) for f in files),
+                f"the id {value!r} in column {id_column!r} appears more than once "
+                f"(rows {first_seen[key]} and {index}, 0-based). Ids must be unique; "
+                "fix the input or remove id_column to use row numbers.",
+            )
+        first_seen[key] = index
+
+
+def iter_column(files: Sequence[InputFile], column: str, limit: int | None) -> Iterator[Any]:
+    """One column's values across all files, in row order."""
+    for batch in iter_batches(files, [column], limit=limit):
+        yield from batch.column(0).to_pylist()
+
+
+def iter_batches(
+    files: Sequence[InputFile],
+    columns: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Iterator[pa.RecordBatch]:
+    """Record batches holding ``columns`` (null where a row lacks one), in row order."""
+    wanted = list(dict.fromkeys(columns))
+    remaining = limit
+    for file in files:
+        if remaining is not None and remaining <= 0:
+            return
+        for batch in _file_batches(file, wanted, batch_rows):
+            if remaining is None:
+                yield batch
+                continue
+            if remaining <= 0:
+                return
+            kept = batch if batch.num_rows <= remaining else batch.slice(0, remaining)
+            remaining -= kept.num_rows
+            yield kept
+
+
+def _file_batches(file: InputFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    if file.format == "parquet":
+        parquet = _parquet(file)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
+                yield _with_all_columns(batch, columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(file.path, f"cannot be read ({exc}).") from None
+        return
+    pending: list[dict[str, Any]] = []
+    first_line = 1
+    for number, record in _jsonl_records(file):
+        if not pending:
+            first_line = number
+        pending.append({c: record.get(c) for c in columns})
+        if len(pending) >= batch_rows:
+            yield _jsonl_batch(file, pending, columns, first_line)
+            pending = []
+    if pending:
+        yield _jsonl_batch(file, pending, columns, first_line)
+
+
+def _with_all_columns(batch: pa.RecordBatch, columns: list[str]) -> pa.RecordBatch:
+    if batch.schema.names == columns:
+        return batch
+    arrays = [
+        batch.column(c) if c in batch.schema.names else pa.nulls(batch.num_rows) for c in columns
+    ]
+    return pa.RecordBatch.from_arrays(arrays, names=columns)
+
+
+def _jsonl_batch(
+    file: InputFile, rows: list[dict[str, Any]], columns: list[str], first_line: int
+) -> pa.RecordBatch:
+    try:
+        arrays = [pa.array([row[c] for row in rows]) for c in columns]
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(
+            file.path,
+            f"a column has values of mixed types in lines {first_line} onward ({exc}). "
+            "Give each field one type across rows.",
+        ) from None
+    return pa.RecordBatch.from_arrays(arrays, names=columns)

@@ -1,0 +1,161 @@
+"""Pure: an input row and the job's request settings in, one request body out.
+
+A prompt template uses ``{column}`` placeholders; ``{{`` and ``}}`` stand for literal braces.
+Rendering never raises for a bad row: it returns a :class:`RenderFailure` with the reason,
+which becomes a failed output row.
+
+The request key identifies what is actually sent: a hash of the endpoint URL, the exact body
+bytes and the row id. Editing the template or a parameter changes the key of the affected
+rows; the API key is never part of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_FORMATTER = string.Formatter()
+
+
+def placeholders(template: str) -> tuple[str, ...]:
+    """The column names a template refers to, in order of first use.
+
+    Raises ``ValueError`` with a readable reason for a malformed template.
+    """
+    names: list[str] = []
+    try:
+        parsed = list(_FORMATTER.parse(template))
+    except ValueError as exc:
+        message = f"malformed template ({exc}); write {{{{ and }}}} for literal braces"
+        raise ValueError(message) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name:
+            raise ValueError("empty placeholder {}; name a column, like {text}")
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{name}...}} may not carry a format spec")
+        if any(ch in name for ch in ".[]"):
+            raise ValueError(f"placeholder {{{name}}} must be a plain column name")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderFailure:
+    """Why a row could not be turned into a request."""
+
+    reason: str
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value)) if abs(value) < 2**53 else repr(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def render_prompt(
+    template: str, names: Sequence[str], row: Mapping[str, Any]
+) -> str | RenderFailure:
+    """Fill ``template`` from ``row``; a null or missing value is a failure, not ``"None"``."""
+    values: dict[str, str] = {}
+    for name in names:
+        value = row.get(name)
+        if value is None:
+            return RenderFailure(f"column {name!r} is null in this row")
+        values[name] = _text(value)
+    text = template.format_map(values)
+    if not text.strip():
+        return RenderFailure("the rendered prompt is empty")
+    return text
+
+
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+def messages_from_column(value: Any, column: str) -> list[dict[str, Any]] | RenderFailure:
+    """Validate a ready-made chat ``messages`` value taken from an input column."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return RenderFailure(f"column {column!r} is not a JSON list of chat messages")
+    if value is None:
+        return RenderFailure(f"column {column!r} is null in this row")
+    if not isinstance(value, list) or not value:
+        return RenderFailure(f"column {column!r} must be a non-empty list of chat messages")
+    messages: list[dict[str, Any]] = []
+    for index, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            return RenderFailure(f"column {column!r}: message {index} is not an object")
+        role = message.get("role")
+        if role not in _ROLES:
+            return RenderFailure(f"column {column!r}: message {index} has role {role!r}")
+        cleaned = {k: v for k, v in message.items() if v is not None}
+        content = cleaned.get("content")
+        if role != "assistant" and (content is None or content == ""):
+            return RenderFailure(f"column {column!r}: message {index} has empty content")
+        messages.append(cleaned)
+    return messages
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestTemplate:
+    """Everything needed to turn a row into a request body; built once per job."""
+
+    model: str
+    system: str | None
+    prompt: str | None
+    messages_column: str | None
+    params: Mapping[str, Any]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The input columns that requests read."""
+        if self.messages_column is not None:
+            return (self.messages_column,)
+        return placeholders(self.prompt or "")
+
+    def messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]] | RenderFailure:
+        if self.messages_column is not None:
+            rendered = messages_from_column(row.get(self.messages_column), self.messages_column)
+            if isinstance(rendered, RenderFailure) or self.system is None:
+                return rendered
+            if rendered[0].get("role") == "system":
+                return rendered
+            return [{"role": "system", "content": self.system}, *rendered]
+        prompt = render_prompt(self.prompt or "", self.columns, row)
+        if isinstance(prompt, RenderFailure):
+            return prompt
+        head = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return [*head, {"role": "user", "content": prompt}]
+
+    def body(self, row: Mapping[str, Any]) -> dict[str, Any] | RenderFailure:
+        """The JSON request body for ``row``."""
+        messages = self.messages(row)
+        if isinstance(messages, RenderFailure):
+            return messages
+        return {"model": self.model, "messages": messages, **self.params}
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """Canonical JSON bytes of a body: what is sent, and what the key hashes."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+
+
+def request_key(url: str, body: bytes, row_id: str) -> str:
+    """A stable identity for one row's request: hash(endpoint URL, body bytes, row id)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (url.encode(), body, row_id.encode()):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()

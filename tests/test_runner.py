@@ -1,0 +1,230 @@
+"""The runner's orchestration, with a scripted transport standing in for the provider."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import httpx
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import AuthError, JobFileError
+from pipeline.jobspec import JobSpec, parse_job
+from pipeline.runner import Runner, RunOptions
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def reply(content: str, *, prompt: int = 10, completion: int = 3) -> httpx.Response:
+    return httpx.Response(
+        200,
+        json={
+            "model": "deepseek-v4-flash",
+            "choices": [{"message": {"content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+        },
+    )
+
+
+def echo(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content)
+    return reply("re: " + body["messages"][-1]["content"])
+
+
+def make_job(tmp_path: Path, rows: int = 50, **extra: str) -> JobSpec:
+    pq.write_table(
+        pa.table({"rid": [f"r{i}" for i in range(rows)], "text": [f"t{i}" for i in range(rows)]}),
+        tmp_path / "in.parquet",
+    )
+    text = f"""
+name = "t"
+[input]
+path = "{tmp_path / "in.parquet"}"
+id_column = "rid"
+[request]
+base_url = "http://127.0.0.1:9/v1"
+model = "deepseek-v4-flash"
+prompt = "{{text}}"
+max_tokens = 8
+[limits]
+max_in_flight = 4
+max_attempts = 3
+max_retry_wait_s = 0.01
+{extra.get("limits", "")}
+[output]
+path = "{tmp_path / "out.parquet"}"
+"""
+    return parse_job(text, "t.toml")
+
+
+def run(job: JobSpec, handler: Handler, **options: bool) -> object:
+    runner = Runner(
+        job,
+        api_key="sk-test-secret",
+        options=RunOptions(batch_rows=7, **options),
+        transport=httpx.MockTransport(handler),
+        rng=random.Random(1),
+    )
+    scan = runner.prepare()
+    return anyio.run(runner.run, scan)
+
+
+def test_output_is_in_input_order_with_one_row_each(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=50)
+
+    def shuffled(request: httpx.Request) -> httpx.Response:
+        return echo(request)
+
+    report = run(job, shuffled)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["id"].to_list() == [f"r{i}" for i in range(50)]
+    assert out["response"].to_list() == [f"re: t{i}" for i in range(50)]
+    assert set(out["status"]) == {"ok"}
+    assert out["prompt_tokens"].sum() == 500
+    # WaveSpeed has no "deepseek-v4-flash" id, DeepSeek does: loopback prices by model id.
+    assert out["cost_usd"][0] == pytest.approx((10 * 0.14 + 3 * 0.28) / 1e6)
+    assert report.all_ok  # type: ignore[attr-defined]
+
+
+def test_transient_failures_are_retried_and_billed_attempts_counted(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=10)
+    calls: Counter[str] = Counter()
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        content = json.loads(request.content)["messages"][-1]["content"]
+        calls[content] += 1
+        if calls[content] == 1:
+            # Billed but unusable: the usage must still be counted.
+            return httpx.Response(200, json={"usage": {"prompt_tokens": 10}})
+        return echo(request)
+
+    run(job, flaky)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["attempts"].to_list() == [2] * 10
+    assert out["prompt_tokens"].to_list() == [20] * 10
+    assert set(out["status"]) == {"ok"}
+
+
+def test_permanent_failures_become_failed_rows(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=10)
+
+    def reject_odd(request: httpx.Request) -> httpx.Response:
+        content = json.loads(request.content)["messages"][-1]["content"]
+        if int(content[1:]) % 2:
+            return httpx.Response(400, json={"error": {"message": "bad row"}})
+        return echo(request)
+
+    report = run(job, reject_odd)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok", "failed"] * 5
+    assert out["attempts"].to_list() == [1] * 10
+    assert out["error"][1] == "HTTP 400: bad row"
+    assert not report.all_ok  # type: ignore[attr-defined]
+
+
+def test_auth_failure_stops_the_job_without_leaking_the_key(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=200)
+    calls = 0
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(401, json={"error": {"message": "bad key sk-test-secret"}})
+
+    with pytest.raises(AuthError) as info:
+        run(job, refuse)
+    assert "sk-test-secret" not in str(info.value)
+    assert calls <= 4  # at most one per worker, not one per row
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_second_run_resumes_and_sends_nothing_already_done(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=30)
+    run(job, echo)
+    sent = 0
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        sent += 1
+        return echo(request)
+
+    report = run(job, counting)
+    assert sent == 0
+    assert report.final.resumed_rows == 30  # type: ignore[attr-defined]
+    assert pl.read_parquet(tmp_path / "out.parquet").height == 30
+    run(job, counting, fresh=True)
+    assert sent == 30
+
+
+def test_retry_failed_sends_only_failed_rows(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=10)
+    run(job, lambda r: httpx.Response(400, json={"error": {"message": "no"}}))
+    sent = 0
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        sent += 1
+        return echo(request)
+
+    run(job, counting)
+    assert sent == 0
+    run(job, counting, retry_failed=True)
+    assert sent == 10
+    assert set(pl.read_parquet(tmp_path / "out.parquet")["status"]) == {"ok"}
+
+
+def test_unrenderable_rows_fail_without_a_request(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": ["a", None, "  ", "d"]}), tmp_path / "in.parquet")
+    job = parse_job(
+        f"""
+name = "t"
+[input]
+path = "{tmp_path / "in.parquet"}"
+[request]
+base_url = "http://127.0.0.1:9/v1"
+prompt = "{{text}}"
+[output]
+path = "{tmp_path / "out.parquet"}"
+""",
+        "t.toml",
+    )
+    sent = 0
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        sent += 1
+        return echo(request)
+
+    run(job, counting)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert sent == 2
+    assert out["id"].to_list() == [0, 1, 2, 3]
+    assert out["status"].to_list() == ["ok", "failed", "failed", "ok"]
+    assert "null" in out["error"][1]
+    assert "empty" in out["error"][2]
+
+
+def test_placeholder_for_a_missing_column_is_caught_before_sending(tmp_path: Path) -> None:
+    job = make_job(tmp_path)
+    job = replace(job, request=replace(job.request, prompt="{txt}"))
+    with pytest.raises(
+        JobFileError, match=r"\[request\] prompt: has a placeholder for column 'txt'"
+    ):
+        Runner(job, api_key=None).prepare()
+
+
+def test_keep_column_clashing_with_an_output_column_is_rejected(tmp_path: Path) -> None:
+    job = make_job(tmp_path)
+    job = replace(job, output=replace(job.output, keep_columns=("text",)))
+    Runner(job, api_key=None).prepare()
+    job = replace(job, output=replace(job.output, keep_columns=("rid", "nope")))
+    with pytest.raises(JobFileError, match=r"\[output\] keep_columns: names the column 'nope'"):
+        Runner(job, api_key=None).prepare()
