@@ -148,7 +148,7 @@ def run(
 
 def _server_command() -> click.Command:
     """``pipeline serve``, with one option per field of :class:`ServerOptions`."""
-    from pipeline.server import ServerOptions, serve
+    from pipeline.server import API_KEY_ENV, ServerOptions, serve
 
     @click.command(name="serve")
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
@@ -162,13 +162,21 @@ def _server_command() -> click.Command:
 
         serve(options, host=host, port=port, on_ready=ready)
 
-    for field in reversed(dataclasses.fields(ServerOptions)):
+    for field in dataclasses.fields(ServerOptions):
         default = field.default
         flag = "--" + field.name.replace("_", "-")
         if isinstance(default, bool):
             flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+        choices = field.metadata.get("choices")
+        kind: Any = click.Choice(list(choices)) if choices else type(default)
         command = click.option(
-            flag, field.name, default=default, show_default=True, type=type(default)
+            flag,
+            field.name,
+            default=default,
+            show_default=field.name != "api_key",
+            type=kind,
+            help=field.metadata.get("help"),
+            envvar=API_KEY_ENV if field.name == "api_key" else None,
         )(command)
     return command
 

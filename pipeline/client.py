@@ -201,11 +201,9 @@ class ChatClient:
                 response = await self._http.post(self.url, content=body)
         except TimeoutError:
             return _failed(Failure.TIMEOUT, f"no answer within {self._timeout_s:g} s", started)
-        except httpx.TimeoutException:
-            return _failed(Failure.TIMEOUT, f"no answer within {self._timeout_s:g} s", started)
-        except httpx.TransportError as exc:
-            reason = _short(str(exc)) or type(exc).__name__
-            return _failed(Failure.CONNECTION, f"connection error: {reason}", started)
+        except Exception as exc:  # the seam: nothing from below may escape
+            failure, reason = transport_failure(exc, self._timeout_s)
+            return _failed(failure, reason, started)
         latency = time.monotonic() - started
         status = response.status_code
         raw = response.content
@@ -229,6 +227,23 @@ class ChatClient:
             retry_after_s=None,
             latency_s=latency,
         )
+
+
+def transport_failure(exc: BaseException, timeout_s: float) -> tuple[Failure, str]:
+    """Classify an exception raised while sending or receiving.
+
+    httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` (a dropped connection, a
+    server that disconnected) to ``httpx.ConnectTimeout``; the original error is kept as
+    ``__cause__``, so it is checked first.
+    """
+    cause = exc.__cause__ or exc
+    name = type(cause).__name__
+    timed_out = isinstance(cause, (TimeoutError, httpx.TimeoutException)) or "Timeout" in name
+    if timed_out:
+        return Failure.TIMEOUT, f"no answer within {timeout_s:g} s ({name})"
+    detail = _short(str(cause))
+    reason = f"{name}: {detail}" if detail else name
+    return Failure.CONNECTION, f"connection error ({reason})"
 
 
 def _failed(failure: Failure, error: str, started: float) -> Attempt:

@@ -62,10 +62,13 @@ class LiveReporter(Reporter):
 
     def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.console = Console(file=self.stream, highlight=False)
-        self.live_mode = self.console.is_terminal if live is None else live
+        probe = Console(file=self.stream)
+        self.live_mode = probe.is_terminal if live is None else live
+        # Log lines are never wrapped when the output is not a terminal.
+        width = None if probe.is_terminal else 200
+        self.console = Console(file=self.stream, highlight=False, width=width)
         self._live: Live | None = None
-        self._last_log = 0.0
+        self._last_log = time.monotonic()
         self._job = ""
         self._price_known = True
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: the built-in server in a child process."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import pipeline  # noqa: F401  (only checks that the package is importable)
+except ModuleNotFoundError:  # running from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.localserver import LocalServer
+from pipeline.server import ServerOptions
+
+
+@pytest.fixture
+def local_server() -> Iterator[Callable[..., str]]:
+    """A factory: ``local_server(**options) -> base_url``; every server stops at test end.
+
+    The options are :class:`pipeline.server.ServerOptions` fields. Read the counters with
+    :func:`pipeline.localserver.server_stats` on the base URL.
+    """
+    servers: list[LocalServer] = []
+
+    def start(**options: Any) -> str:
+        server = LocalServer(ServerOptions(**options))
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
