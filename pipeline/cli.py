@@ -127,7 +127,7 @@ def run(
     )
     api_key = _api_key(job, local=local)
     reporter = LiveReporter()
-    options = RunOptions(fresh=fresh, retry_failed=retry_failed)
+    options = RunOptions(fresh=fresh, retry_failed=retry_failed, handle_signals=True)
     with _endpoint(job, local=local) as target:
         runner = Runner(target, api_key=api_key, options=options, reporter=reporter)
         scan = runner.prepare()
@@ -143,7 +143,47 @@ def run(
             sys.exit(EXIT_INTERRUPTED)
         finally:
             reporter.close()
+    if report.interrupted:
+        click.echo(
+            f"interrupted: finished rows are saved in {target.output.state_path}. "
+            "Run the same command again to resume.",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_OK if report.all_ok else EXIT_ROWS_FAILED)
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--input", "input_path", help="The input, if the run used --input.")
+@click.option("--output", "output_path", help="The output, if the run used --output.")
+@click.option("--limit", type=click.IntRange(min=1), help="The --limit the run used.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@_report_errors
+def status(
+    job_file: str,
+    *,
+    input_path: str | None,
+    output_path: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Show where JOB_FILE stands: rows done / failed / pending, spend, the last run."""
+    import json
+
+    from pipeline.progress import print_status
+    from pipeline.runner import Runner
+    from pipeline.status import job_status
+
+    job = apply_overrides(
+        load_job(job_file), Overrides(input=input_path, output=output_path, limit=limit)
+    )
+    runner = Runner(job, api_key=None)
+    report = job_status(runner, runner.prepare())
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_status(report)
 
 
 def _server_command() -> click.Command:

@@ -1,10 +1,18 @@
-"""Crash-safe record of results, in the job's state folder.
+"""Crash-safe record of what was sent and what came back, in the job's state folder.
 
-Results are appended as JSON lines to one file per bucket of :data:`BUCKET_ROWS` input rows
-(``results/000003.jsonl`` holds rows 12288-16383), flushed and fsynced in groups by the
-writer task, so a result is durable a fraction of a second after it arrives. Bucketing by
-row number keeps both resume and the final in-order assembly bounded in memory: only the
-bucket being read is held. A torn last line (a crash mid-write) is ignored, never fatal.
+Two append-only logs, each split into one JSON-lines file per bucket of :data:`BUCKET_ROWS`
+input rows (``results/000003.jsonl`` holds rows 12288-16383):
+
+``sent/``
+    one :class:`Intent` per request, made durable *before* the request goes out;
+``results/``
+    one :class:`~pipeline.records.RowResult` per finished row.
+
+Writers append in groups and fsync before returning, so a result is durable a fraction of a
+second after it arrives. A row that was sent but has no result is a double-spend suspect:
+the provider may have billed it, and a resumed run sends it again. Bucketing by row number
+keeps resume and the in-order assembly bounded in memory: only one bucket is held at a time.
+A torn last line (a crash mid-write) is skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from pipeline.errors import StateError
@@ -26,61 +36,147 @@ def bucket_of(row: int) -> int:
     return row // BUCKET_ROWS
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Intent:
+    """A request about to be sent."""
+
+    key: str
+    row: int
+    run: int
+    worst_cost_usd: Decimal | None
+    """What the request can cost at most (its prompt plus ``max_tokens`` of output)."""
+
+    def to_json(self) -> str:
+        cost = None if self.worst_cost_usd is None else str(self.worst_cost_usd)
+        return json.dumps(
+            {"key": self.key, "row": self.row, "run": self.run, "worst_cost_usd": cost},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Intent:
+        cost = data.get("worst_cost_usd")
+        return cls(
+            key=str(data["key"]),
+            row=int(data["row"]),  # type: ignore[call-overload]
+            run=int(data["run"]),  # type: ignore[call-overload]
+            worst_cost_usd=None if cost is None else Decimal(str(cost)),
+        )
+
+
+def _lines(path: Path) -> Iterator[dict[str, object]]:
+    """The JSON objects of a JSON-lines file; damaged or torn lines are skipped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
+    for line in data.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            yield value
+
+
+def append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append whole lines durably; a torn tail left by a crash is closed off first."""
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    try:
+        with path.open("ab+") as handle:
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    data = b"\n" + data  # the torn line stays a damaged line of its own
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise StateError(
+            f"cannot write {path} ({exc.strerror or exc}). Every row finished so far is kept: "
+            "free disk space or fix the folder's permissions, then run the job again to resume."
+        ) from None
+
+
 class Journal:
-    """The result journal of one job."""
+    """The sent and results logs of one job."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._results = folder / "results"
+        self.results_dir = folder / "results"
+        self.sent_dir = folder / "sent"
 
     def open(self, *, fresh: bool = False) -> None:
-        """Create the state folder (emptied first when ``fresh``)."""
+        """Create the log folders (emptied first when ``fresh``)."""
         try:
-            if fresh and self._results.exists():
-                shutil.rmtree(self._results)
-            self._results.mkdir(parents=True, exist_ok=True)
+            for folder in (self.results_dir, self.sent_dir):
+                if fresh and folder.exists():
+                    shutil.rmtree(folder)
+                folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(
                 f"cannot use the state folder {self.folder} ({exc.strerror or exc}). "
                 "Make it writable or set [output] state_dir."
             ) from None
 
-    def _bucket_path(self, bucket: int) -> Path:
-        return self._results / f"{bucket:06d}.jsonl"
+    @staticmethod
+    def _name(bucket: int) -> str:
+        return f"{bucket:06d}.jsonl"
 
     def read_bucket(self, bucket: int) -> dict[str, RowResult]:
         """Results of one bucket by request key; the last record of a key wins."""
-        path = self._bucket_path(bucket)
         results: dict[str, RowResult] = {}
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return results
-        except OSError as exc:
-            raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
-        for line in data.splitlines():
+        for data in _lines(self.results_dir / self._name(bucket)):
             try:
-                record = RowResult.from_json(json.loads(line))
+                record = RowResult.from_json(data)
             except (ValueError, KeyError, TypeError):
-                continue  # a torn or damaged line: that row is simply not done
+                continue
             results[record.key] = record
         return results
 
-    def append(self, records: Sequence[RowResult]) -> None:
+    def result_buckets(self) -> list[int]:
+        """Buckets that hold results, in order."""
+        return sorted(int(p.stem) for p in self.results_dir.glob("*.jsonl") if p.stem.isdigit())
+
+    def iter_results(self) -> Iterator[RowResult]:
+        """Every result ever recorded, bucket by bucket (superseded ones included)."""
+        for bucket in self.result_buckets():
+            for data in _lines(self.results_dir / self._name(bucket)):
+                try:
+                    yield RowResult.from_json(data)
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def intents_since(self, run: int, since: float) -> Iterator[Intent]:
+        """Intents of ``run``, read from the sent files modified at or after ``since``."""
+        for path in sorted(self.sent_dir.glob("*.jsonl")):
+            try:
+                if path.stat().st_mtime < since:
+                    continue
+            except FileNotFoundError:
+                continue
+            for data in _lines(path):
+                try:
+                    intent = Intent.from_json(data)
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if intent.run == run:
+                    yield intent
+
+    def append_results(self, records: Sequence[RowResult]) -> None:
         """Append ``records`` durably (write, flush, fsync) before returning."""
         by_bucket: dict[int, list[str]] = defaultdict(list)
         for record in records:
             by_bucket[bucket_of(record.row)].append(record.to_json())
         for bucket, lines in by_bucket.items():
-            path = self._bucket_path(bucket)
-            try:
-                with path.open("a", encoding="utf-8") as handle:
-                    handle.write("\n".join(lines) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            except OSError as exc:
-                raise StateError(
-                    f"cannot write results to {path} ({exc.strerror or exc}). "
-                    "Finished rows so far are kept; free space or fix permissions, then run "
-                    "the job again to resume."
-                ) from None
+            append_lines(self.results_dir / self._name(bucket), lines)
+
+    def append_intents(self, intents: Sequence[Intent]) -> None:
+        """Record durably that these requests are about to be sent."""
+        by_bucket: dict[int, list[str]] = defaultdict(list)
+        for intent in intents:
+            by_bucket[bucket_of(intent.row)].append(intent.to_json())
+        for bucket, lines in by_bucket.items():
+            append_lines(self.sent_dir / self._name(bucket), lines)

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.templating import RenderFailure, RequestTemplate, encode_body, request_key
+from pipeline.tokens import count_prompt_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,8 @@ class PlannedRow:
     body: bytes | None
     """The request body, or None when the row cannot be rendered."""
     failure: str | None
+    prompt_tokens: int | None = None
+    """The prompt's token count (exact for DeepSeek models), when it was counted."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,16 +41,29 @@ class Planner:
             wanted.append(self.id_column)
         return list(dict.fromkeys(wanted))
 
-    def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
-        """Planned rows for ``batch``, whose first row is input row ``start``."""
+    def plan(
+        self, batch: pa.RecordBatch, start: int, *, count_tokens: bool = False
+    ) -> Iterator[PlannedRow]:
+        """Planned rows for ``batch``, whose first row is input row ``start``.
+
+        With ``count_tokens`` the prompts are counted in one parallel tokenizer batch.
+        """
         rows: list[dict[str, Any]] = batch.to_pylist()
-        for offset, row in enumerate(rows):
+        bodies = [self.template.body(row) for row in rows]
+        counts: list[int | None] = [None] * len(rows)
+        if count_tokens:
+            rendered = [(i, b) for i, b in enumerate(bodies) if not isinstance(b, RenderFailure)]
+            for (index, _), count in zip(
+                rendered, count_prompt_tokens([b for _, b in rendered]), strict=True
+            ):
+                counts[index] = count
+        for offset, (row, body) in enumerate(zip(rows, bodies, strict=True)):
             index = start + offset
             row_id = str(row[self.id_column]) if self.id_column is not None else str(index)
-            body = self.template.body(row)
             if isinstance(body, RenderFailure):
                 key = request_key(self.url, b"", row_id)
                 yield PlannedRow(index, key, None, body.reason)
                 continue
             encoded = encode_body(body)
-            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None)
+            key = request_key(self.url, encoded, row_id)
+            yield PlannedRow(index, key, encoded, None, counts[offset])

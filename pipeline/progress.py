@@ -17,6 +17,7 @@ from pipeline.jobspec import JobSpec
 from pipeline.runner import Reporter, RunReport
 from pipeline.sources import InputScan
 from pipeline.stats import Snapshot
+from pipeline.status import JobStatus
 
 LOG_EVERY_S = 10.0
 
@@ -118,6 +119,12 @@ class LiveReporter(Reporter):
             + figures(s, price_known=self._price_known)
         )
 
+    def notice(self, message: str) -> None:
+        if self._live is not None:
+            self._live.console.print(f"[yellow]{message}[/yellow]")
+        else:
+            self.console.print(f"[yellow]{message}[/yellow]")
+
     def finish(self, report: RunReport) -> None:
         self.close()
         print_summary(self.console, report)
@@ -147,5 +154,64 @@ def print_summary(console: Console, report: RunReport) -> None:
     )
     table.add_row("cost (this run)", money(s.cost_usd, known=report.price_known))
     table.add_row("wall time", f"{s.elapsed_s:.1f} s ({s.requests_per_s:,.1f} req/s)")
-    table.add_row("output", str(report.output))
+    if report.suspects is not None:
+        worst = report.suspects.worst_cost_usd
+        table.add_row(
+            "possibly billed twice",
+            f"{report.suspects.count:,} (worst case {money(worst)})",
+        )
+    if report.interrupted:
+        pending = s.total_rows - s.done
+        table.add_row("output", f"{report.output} ({report.output_rows:,} finished rows so far)")
+        table.add_row("pending", f"{pending:,} rows: run the same command again to resume")
+    else:
+        table.add_row("output", str(report.output))
+    console.print(table)
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def print_status(status: JobStatus, console: Console | None = None) -> None:
+    """``pipeline status`` for a person."""
+    console = console or Console(highlight=False)
+    table = Table(title=f"{status.job}: status", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("state folder", status.state_dir)
+    table.add_row(
+        "rows",
+        f"{status.rows:,} total: {status.ok:,} ok, {status.failed:,} failed, "
+        f"{status.pending:,} pending",
+    )
+    spent = status.spent
+    table.add_row(
+        "tokens so far",
+        f"{spent.prompt_tokens:,} in ({spent.cached_tokens:,} cached), "
+        f"{spent.completion_tokens:,} out ({spent.reasoning_tokens:,} reasoning)",
+    )
+    table.add_row("cost so far", money(status.spent_usd))
+    last = status.last_run
+    if last is None:
+        table.add_row("last run", "none yet")
+    else:
+        if last.how is not None:
+            ended = f"ended {_when(last.ended_at)} ({last.how})"
+        elif status.running:
+            ended = f"running now ({status.running})"
+        else:
+            ended = "did not end: the process was killed or crashed"
+        table.add_row("last run", f"#{last.run}, started {_when(last.started_at)}, {ended}")
+    suspects = status.suspects
+    if suspects is None:
+        table.add_row("double-spend suspects", "none")
+    else:
+        table.add_row(
+            "double-spend suspects",
+            f"{suspects.count:,} requests of run {suspects.run} were in flight when it stopped "
+            f"(worst case {money(suspects.worst_cost_usd)}); the next run sends them again",
+        )
     console.print(table)

@@ -30,6 +30,8 @@ class RowResult:
     latency_ms: int | None = None
     error: str | None = None
     model: str | None = None
+    run: int = 0
+    """The run that recorded this result."""
 
     def to_json(self) -> str:
         usage = self.usage
@@ -52,6 +54,7 @@ class RowResult:
                 "latency_ms": self.latency_ms,
                 "error": self.error,
                 "model": self.model,
+                "run": self.run,
             },
             ensure_ascii=False,
             separators=(",", ":"),
@@ -79,4 +82,5 @@ class RowResult:
             latency_ms=data.get("latency_ms"),
             error=data.get("error"),
             model=data.get("model"),
+            run=data.get("run", 0),
         )

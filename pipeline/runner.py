@@ -3,41 +3,51 @@
 ::
 
     producer ──work (bounded)──▶ workers (max_in_flight) ──results (bounded)──▶ writer
-       │ reads input batches,        send, classify, back off        group commit to the
-       │ plans requests, skips       and retry; one result per       journal, then counts
-       └ rows already in the journal row                              └ for the live display
+       │ reads input batches,      record the intent, send,        group commit to the
+       │ plans requests, skips     classify, back off, retry;      results journal, then
+       └ rows already finished     one result per row              └ counts for the display
 
-When every row has a result, the output file is assembled from the journal in input order.
-A 401/403 stops the whole job at once. Memory is bounded by the batch size and the stream
+Before a request is sent, its intent is made durable (group commit in
+:class:`~pipeline.intents.IntentLog`); after it finishes, its result is. A run holds the
+job's lock, records its start and end in the state folder, and reports the requests the
+previous run left in flight. The first SIGINT/SIGTERM stops new requests, waits up to
+``grace_s`` for those in flight, writes the finished rows and exits 130; a second one stops at
+once. A 401/403 stops the whole job. Memory is bounded by the batch size and the stream
 sizes, never by the number of rows.
 """
 
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import httpx
 import pyarrow as pa
+from anyio import CancelScope
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline import retry
 from pipeline.client import Attempt, ChatClient
-from pipeline.errors import AuthError, JobFileError, StateError
+from pipeline.errors import AuthError, JobFileError, PipelineError, StateError
+from pipeline.intents import IntentLog
 from pipeline.jobspec import JobSpec
-from pipeline.journal import Journal, bucket_of
+from pipeline.journal import Intent, bucket_of
 from pipeline.plan import PlannedRow, Planner
 from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, resolve_price
 from pipeline.records import RowResult
 from pipeline.redact import redact
 from pipeline.sinks import RESULT_COLUMNS, OutputWriter
 from pipeline.sources import InputScan, iter_batches, resolve_input, scan_input
+from pipeline.state import COMPLETED, FAILED, INTERRUPTED, JobState, Suspects
 from pipeline.stats import RunStats, Snapshot
 from pipeline.templating import RequestTemplate
 
@@ -53,14 +63,24 @@ class RunOptions:
     batch_rows: int = 2048
     tick_s: float = 0.5
     """How often the live display is refreshed."""
+    handle_signals: bool = False
+    """Stop gracefully on SIGINT/SIGTERM (the CLI sets this; it needs the main thread)."""
+    grace_s: float = 30.0
+    """After a stop, how long to wait for requests in flight."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunReport:
     job: str
+    run: int
     output: Path
     final: Snapshot
     price_known: bool
+    interrupted: bool = False
+    output_rows: int = 0
+    suspects: Suspects | None = None
+    """Requests the previous run left in flight (possibly billed twice)."""
+    state_dir: Path | None = None
 
     @property
     def all_ok(self) -> bool:
@@ -72,6 +92,9 @@ class Reporter:
 
     def start(self, job: JobSpec, scan: InputScan) -> None:
         """Called once the input is scanned, before any request."""
+
+    def notice(self, message: str) -> None:
+        """Something a person should read now (a stop, requests left in flight)."""
 
     def update(self, snapshot: Snapshot) -> None:
         """Called every ``tick_s`` while the run goes on."""
@@ -112,6 +135,27 @@ def check_columns(job: JobSpec, scan: InputScan, template: RequestTemplate) -> N
             )
 
 
+def _pipeline_error(group: BaseExceptionGroup[BaseException]) -> PipelineError | None:
+    """The first :class:`PipelineError` inside a (nested) exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, PipelineError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _pipeline_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
+def describe_suspects(suspects: Suspects) -> str:
+    worst = suspects.worst_cost_usd
+    money = "unknown" if worst is None else f"${worst:.6f}"
+    return (
+        f"run {suspects.run} stopped with {suspects.count:,} request(s) in flight: the provider "
+        f"may have billed them, and they are sent again now (worst case {money})."
+    )
+
+
 class Runner:
     """Runs one job to completion (or to a stop)."""
 
@@ -150,8 +194,14 @@ class Runner:
             max_wait_s=job.limits.max_retry_wait_s,
             deadline_s=job.limits.row_deadline_s,
         )
-        self.journal = Journal(job.output.state_path)
+        self.state = JobState(job.output.state_path)
+        self.journal = self.state.journal
+        self._run_id = 0
         self._fatal: AuthError | None = None
+        self._stopping = False
+        self._hard_stop = False
+        self._producer_scope: CancelScope | None = None
+        self._work_scope: CancelScope | None = None
 
     # -- preparation --------------------------------------------------------------------
 
@@ -178,12 +228,34 @@ class Runner:
     # -- the run ------------------------------------------------------------------------
 
     async def run(self, scan: InputScan) -> RunReport:
-        self.journal.open(fresh=self.options.fresh)
+        """Run the job; holds the job's lock and records the run in the state folder."""
+        self.state.acquire()
+        try:
+            self.journal.open(fresh=self.options.fresh)
+            suspects = None if self.options.fresh else self.state.suspects()
+            if suspects is not None:
+                self.reporter.notice(describe_suspects(suspects))
+            self._run_id = self.state.begin_run(suspects)
+            how = FAILED
+            summary: dict[str, Any] = {}
+            try:
+                report = await self._run(scan, suspects)
+                how = INTERRUPTED if report.interrupted else COMPLETED
+                summary = _summary(report)
+            finally:
+                self.state.end_run(self._run_id, how, summary)
+        finally:
+            self.state.release()
+        self.reporter.finish(report)
+        return report
+
+    async def _run(self, scan: InputScan, suspects: Suspects | None) -> RunReport:
         stats = RunStats(total_rows=scan.rows, clock=self._clock)
         self.reporter.start(self.job, scan)
         size = self.job.limits.max_in_flight
         work_send, work_recv = anyio.create_memory_object_stream[PlannedRow](size)
         result_send, result_recv = anyio.create_memory_object_stream[RowResult](size)
+        intents = IntentLog(self.journal)
         client = ChatClient(
             self.url,
             api_key=self._api_key,
@@ -191,33 +263,84 @@ class Runner:
             max_connections=size,
             transport=self._transport,
         )
-        async with client, anyio.create_task_group() as outer:
-            outer.start_soon(self._tick, stats)
-            async with anyio.create_task_group() as tg:
-                self._cancel = tg.cancel_scope.cancel
-                tg.start_soon(self._produce, scan, stats, work_send, result_send.clone())
-                for _ in range(size):
-                    tg.start_soon(self._work, client, stats, work_recv.clone(), result_send.clone())
-                work_recv.close()
-                result_send.close()
-                tg.start_soon(self._write, stats, result_recv)
-            outer.cancel_scope.cancel()
+        try:
+            async with client, anyio.create_task_group() as outer:
+                outer.start_soon(self._tick, stats)
+                if self.options.handle_signals:
+                    outer.start_soon(self._watch_signals, stats)
+                async with anyio.create_task_group() as durable:
+                    durable.start_soon(self._write, stats, result_recv)
+                    durable.start_soon(intents.run)
+                    async with result_send, anyio.create_task_group() as work:
+                        self._work_scope = work.cancel_scope
+                        work.start_soon(self._produce, scan, stats, work_send, result_send.clone())
+                        for _ in range(size):
+                            work.start_soon(
+                                self._work,
+                                client,
+                                stats,
+                                intents,
+                                work_recv.clone(),
+                                result_send.clone(),
+                            )
+                        work_recv.close()
+                    intents.close()
+                outer.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            found = _pipeline_error(group)
+            if found is None:
+                raise
+            raise found from None
         if self._fatal is not None:
             raise self._fatal
-        await anyio.to_thread.run_sync(self._assemble, scan)
-        report = RunReport(
+        output_rows = 0
+        if not self._hard_stop:
+            output_rows = await anyio.to_thread.run_sync(self._assemble, scan, self._stopping)
+        return RunReport(
             job=self.job.name,
+            run=self._run_id,
             output=Path(self.job.output.path),
             final=stats.snapshot(),
             price_known=self.price is not None,
+            interrupted=self._stopping,
+            output_rows=output_rows,
+            suspects=suspects,
+            state_dir=self.state.folder,
         )
-        self.reporter.finish(report)
-        return report
 
     async def _tick(self, stats: RunStats) -> None:
         while True:
             self.reporter.update(stats.snapshot())
             await anyio.sleep(self.options.tick_s)
+
+    async def _watch_signals(self, stats: RunStats) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if self._stopping:
+                    self.reporter.notice("stopping now; finished rows are kept.")
+                    self._hard_stop = True
+                    if self._work_scope is not None:
+                        self._work_scope.cancel()
+                    return
+                self.stop()
+                self.reporter.notice(
+                    f"stopping: no new requests; waiting up to {self.options.grace_s:g} s for "
+                    f"{stats.in_flight} in flight. Press Ctrl-C again to stop at once."
+                )
+                with anyio.move_on_after(self.options.grace_s):
+                    async for _ in signals:
+                        self.reporter.notice("stopping now; finished rows are kept.")
+                        self._hard_stop = True
+                        break
+                if self._work_scope is not None:
+                    self._work_scope.cancel()
+                return
+
+    def stop(self) -> None:
+        """Stop sending new requests; requests in flight may finish."""
+        self._stopping = True
+        if self._producer_scope is not None:
+            self._producer_scope.cancel()
 
     async def _produce(
         self,
@@ -227,29 +350,49 @@ class Runner:
         results: ObjectSendStream[RowResult],
     ) -> None:
         async with work, results:
-            batches = self._input_batches(scan)
-            start = 0
-            bucket = -1
-            earlier: dict[str, RowResult] = {}
-            while True:
-                batch = await anyio.to_thread.run_sync(next, batches, None)
-                if batch is None:
+            with anyio.CancelScope() as scope:
+                self._producer_scope = scope
+                if self._stopping:
                     return
-                for planned in self.planner.plan(batch, start):
-                    if bucket_of(planned.row) != bucket:
-                        bucket = bucket_of(planned.row)
-                        earlier = await anyio.to_thread.run_sync(self.journal.read_bucket, bucket)
-                    previous = earlier.get(planned.key)
-                    if previous is not None and (
-                        previous.status == "ok" or not self.options.retry_failed
-                    ):
-                        stats.add_resumed(previous)
-                        continue
-                    if planned.failure is not None:
-                        await results.send(self._unrenderable(planned))
-                    else:
-                        await work.send(planned)
-                start += batch.num_rows
+                await self._produce_rows(scan, stats, work, results)
+
+    async def _produce_rows(
+        self,
+        scan: InputScan,
+        stats: RunStats,
+        work: ObjectSendStream[PlannedRow],
+        results: ObjectSendStream[RowResult],
+    ) -> None:
+        batches = self._input_batches(scan)
+        start = 0
+        bucket = -1
+        earlier: dict[str, RowResult] = {}
+
+        def next_planned(first: int) -> list[PlannedRow] | None:
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            return list(self.planner.plan(batch, first, count_tokens=True))
+
+        while True:
+            planned_rows = await anyio.to_thread.run_sync(next_planned, start)
+            if planned_rows is None:
+                return
+            for planned in planned_rows:
+                if bucket_of(planned.row) != bucket:
+                    bucket = bucket_of(planned.row)
+                    earlier = await anyio.to_thread.run_sync(self.journal.read_bucket, bucket)
+                previous = earlier.get(planned.key)
+                if previous is not None and (
+                    previous.status == "ok" or not self.options.retry_failed
+                ):
+                    stats.add_resumed(previous)
+                    continue
+                if planned.failure is not None:
+                    await results.send(self._unrenderable(planned))
+                else:
+                    await work.send(planned)
+            start += len(planned_rows)
 
     def _unrenderable(self, planned: PlannedRow) -> RowResult:
         return RowResult(
@@ -258,25 +401,44 @@ class Runner:
             status="failed",
             cost_usd=cost(ZERO_USAGE, self.price),
             error=f"not sent: {planned.failure}",
+            run=self._run_id,
         )
+
+    def _worst_cost(self, planned: PlannedRow) -> Decimal | None:
+        max_tokens = self.job.request.max_tokens
+        if planned.prompt_tokens is None or max_tokens is None:
+            return None
+        usage = Usage(prompt_tokens=planned.prompt_tokens, completion_tokens=max_tokens)
+        return cost(usage, self.price)
 
     async def _work(
         self,
         client: ChatClient,
         stats: RunStats,
+        intents: IntentLog,
         work: ObjectReceiveStream[PlannedRow],
         results: ObjectSendStream[RowResult],
     ) -> None:
         async with work, results:
             async for planned in work:
+                if self._stopping:
+                    continue  # drain what was queued without sending it
+                intent = Intent(
+                    key=planned.key,
+                    row=planned.row,
+                    run=self._run_id,
+                    worst_cost_usd=self._worst_cost(planned),
+                )
+                await intents.record(intent)
                 result = await self._send_row(client, stats, planned)
                 if result is None:
-                    return
+                    continue
                 await results.send(result)
 
     async def _send_row(
         self, client: ChatClient, stats: RunStats, planned: PlannedRow
     ) -> RowResult | None:
+        """Send one row until it succeeds or fails for good; None if the job stops first."""
         assert planned.body is not None
         usage = ZERO_USAGE
         started = self._clock()
@@ -321,6 +483,8 @@ class Runner:
                 )
             stats.retries += 1
             await anyio.sleep(decision.after_s)
+            if self._stopping:
+                return None
 
     def _result(
         self,
@@ -345,6 +509,7 @@ class Runner:
             latency_ms=round(attempt.latency_s * 1000),
             error=error,
             model=(reply.model if reply else None) or self.job.request.model,
+            run=self._run_id,
         )
 
     def _stop_for_auth(self, reason: str) -> None:
@@ -356,7 +521,9 @@ class Runner:
                 "The job stopped; no further requests were sent. Fix the key and run the job "
                 "again: finished rows are kept."
             )
-        self._cancel()
+        self._stopping = True
+        if self._work_scope is not None:
+            self._work_scope.cancel()
 
     async def _write(self, stats: RunStats, results: MemoryObjectReceiveStream[RowResult]) -> None:
         async with results:
@@ -370,38 +537,79 @@ class Runner:
                         batch.append(results.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await anyio.to_thread.run_sync(self.journal.append, batch)
+                await anyio.to_thread.run_sync(self.journal.append_results, batch)
                 for result in batch:
                     stats.add_result(result)
 
     # -- the output ---------------------------------------------------------------------
 
-    def _assemble(self, scan: InputScan) -> None:
-        """Write the output in input order from the journal (runs in a worker thread)."""
-        keep = self.job.output.keep_columns
-        id_column = self.job.input.id_column
+    def match_results(
+        self, scan: InputScan, extra: tuple[str, ...] = ()
+    ) -> Iterator[tuple[pa.RecordBatch, int, list[RowResult | None]]]:
+        """Each input batch, its first row number, and each row's current result (or None).
+
+        A row's current result is the journal's last result for the row's request key, so a
+        result recorded for an older prompt or parameter does not count. Blocking: call it
+        from a worker thread or outside the event loop.
+        """
         start = 0
         bucket = -1
         results: dict[str, RowResult] = {}
+        for batch in self._input_batches(scan, extra):
+            matched: list[RowResult | None] = []
+            for planned in self.planner.plan(batch, start):
+                if bucket_of(planned.row) != bucket:
+                    bucket = bucket_of(planned.row)
+                    results = self.journal.read_bucket(bucket)
+                matched.append(results.get(planned.key))
+            yield batch, start, matched
+            start += batch.num_rows
+
+    def _assemble(self, scan: InputScan, partial: bool) -> int:
+        """Write the output in input order from the journal (runs in a worker thread).
+
+        With ``partial`` (after a stop) rows without a result are left out; otherwise every
+        row must have one. Returns the number of rows written.
+        """
+        keep = self.job.output.keep_columns
+        id_column = self.job.input.id_column
         with OutputWriter(Path(self.job.output.path)) as writer:
-            for batch in self._input_batches(scan, keep):
-                ordered: list[RowResult] = []
-                for planned in self.planner.plan(batch, start):
-                    if bucket_of(planned.row) != bucket:
-                        bucket = bucket_of(planned.row)
-                        results = self.journal.read_bucket(bucket)
-                    found = results.get(planned.key)
-                    if found is None:
-                        raise StateError(
-                            f"row {planned.row} has no result in {self.journal.folder}; "
-                            "run the job again to finish it."
-                        )
-                    ordered.append(found)
-                names = batch.schema.names
+            for batch, start, matched in self.match_results(scan, keep):
+                positions = [i for i, found in enumerate(matched) if found is not None]
+                if len(positions) < len(matched) and not partial:
+                    row = start + matched.index(None)
+                    raise StateError(
+                        f"row {row} has no result in {self.journal.folder}; "
+                        "run the job again to finish it."
+                    )
+                if not positions:
+                    continue
+                chosen = batch
+                if len(positions) < batch.num_rows:
+                    chosen = batch.take(pa.array(positions, type=pa.int64()))
+                names = chosen.schema.names
                 if id_column is not None:
-                    ids = batch.column(names.index(id_column))
+                    ids = chosen.column(names.index(id_column))
                 else:
-                    ids = pa.array(range(start, start + batch.num_rows), type=pa.int64())
-                kept = [(c, batch.column(names.index(c))) for c in keep]
+                    ids = pa.array([start + p for p in positions], type=pa.int64())
+                kept = [(c, chosen.column(names.index(c))) for c in keep]
+                ordered = [found for found in matched if found is not None]
                 writer.write(ids, kept, ordered)
-                start += batch.num_rows
+            return writer.rows
+
+
+def _summary(report: RunReport) -> dict[str, Any]:
+    s = report.final
+    return {
+        "rows_ok": s.ok,
+        "rows_failed": s.failed,
+        "rows_resumed": s.resumed_rows,
+        "requests": s.requests,
+        "prompt_tokens": s.usage.prompt_tokens,
+        "completion_tokens": s.usage.completion_tokens,
+        "cached_tokens": s.usage.cached_tokens,
+        "reasoning_tokens": s.usage.reasoning_tokens,
+        "cost_usd": None if s.cost_usd is None else str(s.cost_usd),
+        "output_rows": report.output_rows,
+        "wall_s": round(s.elapsed_s, 3),
+    }

@@ -69,7 +69,16 @@ def test_sample_job_readme_command_in_a_real_process(tmp_path: Path) -> None:
     """The README's first command, as a newcomer runs it (a subprocess, --local)."""
     out = tmp_path / "labels.parquet"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "jobs/label_reviews.toml", "--local", "--output", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "jobs/label_reviews.toml",
+            "--local",
+            "--output",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,105 @@
+"""``pipeline status``: where a job stands, read from its state folder; nothing is sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from pipeline.pricing import ZERO_USAGE, Usage
+from pipeline.runner import Runner
+from pipeline.sources import InputScan
+from pipeline.state import RunRecord, Suspects
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    job: str
+    state_dir: str
+    rows: int
+    ok: int
+    failed: int
+    pending: int
+    spent: Usage
+    """Tokens of every result ever recorded for this job (every billed attempt)."""
+    spent_usd: Decimal | None
+    last_run: RunRecord | None
+    running: str | None
+    """Who holds the job's lock, if a run is in progress."""
+    suspects: Suspects | None
+
+    def to_dict(self) -> dict[str, Any]:
+        last = self.last_run
+        suspects = self.suspects
+        return {
+            "job": self.job,
+            "state_dir": self.state_dir,
+            "rows": {
+                "total": self.rows,
+                "ok": self.ok,
+                "failed": self.failed,
+                "pending": self.pending,
+            },
+            "spent": {
+                "prompt_tokens": self.spent.prompt_tokens,
+                "cached_tokens": self.spent.cached_tokens,
+                "completion_tokens": self.spent.completion_tokens,
+                "reasoning_tokens": self.spent.reasoning_tokens,
+                "cost_usd": None if self.spent_usd is None else str(self.spent_usd),
+            },
+            "last_run": None
+            if last is None
+            else {
+                "run": last.run,
+                "started_at": last.started_at,
+                "ended_at": last.ended_at,
+                "how": last.how or ("running" if self.running else "did not end"),
+                "summary": last.summary,
+            },
+            "running": self.running,
+            "double_spend_suspects": None
+            if suspects is None
+            else {
+                "run": suspects.run,
+                "count": suspects.count,
+                "worst_cost_usd": None
+                if suspects.worst_cost_usd is None
+                else str(suspects.worst_cost_usd),
+            },
+        }
+
+
+def job_status(runner: Runner, scan: InputScan) -> JobStatus:
+    """Count rows by their current result and sum what the journal says was spent."""
+    ok = failed = pending = 0
+    for _, _, matched in runner.match_results(scan):
+        for found in matched:
+            if found is None:
+                pending += 1
+            elif found.status == "ok":
+                ok += 1
+            else:
+                failed += 1
+    spent = ZERO_USAGE
+    spent_usd: Decimal | None = Decimal(0)
+    for result in runner.journal.iter_results():
+        spent = spent + result.usage
+        if result.cost_usd is None or spent_usd is None:
+            spent_usd = None
+        else:
+            spent_usd += result.cost_usd
+    history = runner.state.history()
+    running = runner.state.locked_by_other()
+    return JobStatus(
+        job=runner.job.name,
+        state_dir=str(runner.state.folder),
+        rows=scan.rows,
+        ok=ok,
+        failed=failed,
+        pending=pending,
+        spent=spent,
+        spent_usd=spent_usd,
+        last_run=history[-1] if history else None,
+        running=running,
+        suspects=None if running else runner.state.suspects(),
+    )

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import StateError
+from pipeline.journal import BUCKET_ROWS, Intent, Journal
+from pipeline.pricing import Usage
+from pipeline.records import RowResult
+from pipeline.state import JobState
+
+
+def result(row: int, key: str | None = None, status: str = "ok") -> RowResult:
+    return RowResult(
+        key=key or f"k{row}",
+        row=row,
+        status=status,  # type: ignore[arg-type]
+        response=f"answer {row} ✓",
+        usage=Usage(prompt_tokens=row, completion_tokens=2),
+        cost_usd=Decimal("0.000001"),
+        attempts=1,
+        run=1,
+    )
+
+
+def test_results_round_trip_by_bucket(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    journal.append_results([result(0), result(5), result(BUCKET_ROWS + 1)])
+    assert set(journal.read_bucket(0)) == {"k0", "k5"}
+    assert journal.read_bucket(0)["k5"] == result(5)
+    assert set(journal.read_bucket(1)) == {f"k{BUCKET_ROWS + 1}"}
+    assert journal.read_bucket(7) == {}
+    assert journal.result_buckets() == [0, 1]
+
+
+def test_last_record_of_a_key_wins(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    journal.append_results([result(3, status="failed")])
+    journal.append_results([result(3)])
+    assert journal.read_bucket(0)["k3"].status == "ok"
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.integers(0, 200), min_size=1, max_size=30, unique=True), cut=st.data())
+def test_a_torn_tail_loses_only_the_torn_record(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[int], cut: st.DataObject
+) -> None:
+    folder = tmp_path_factory.mktemp("j")
+    journal = Journal(folder)
+    journal.open()
+    for row in rows:
+        journal.append_results([result(row)])
+    path = folder / "results" / "000000.jsonl"
+    data = path.read_bytes()
+    last_line_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    keep = cut.draw(st.integers(last_line_start, len(data) - 1))
+    path.write_bytes(data[:keep])  # a crash in the middle of the last write
+    found = journal.read_bucket(0)
+    assert set(found) >= {f"k{r}" for r in rows[:-1]}
+    assert set(found) <= {f"k{r}" for r in rows}
+    for record in found.values():
+        assert record == result(record.row)
+
+
+def test_intents_of_a_run(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    intents = [Intent(key=f"k{i}", row=i, run=2, worst_cost_usd=Decimal("0.5")) for i in range(3)]
+    journal.append_intents([*intents, Intent(key="x", row=9, run=1, worst_cost_usd=None)])
+    assert list(journal.intents_since(2, 0.0)) == intents
+
+
+def test_unwritable_state_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(StateError, match="cannot use the state folder"):
+        Journal(blocker).open()
+    with pytest.raises(StateError, match="cannot use the state folder"):
+        JobState(blocker).acquire()
+
+
+def test_lock_refuses_a_second_holder(tmp_path: Path) -> None:
+    first = JobState(tmp_path / "s")
+    first.acquire()
+    second = JobState(tmp_path / "s")
+    with pytest.raises(StateError, match=r"another run of this job is in progress \(pid \d+"):
+        second.acquire()
+    assert second.locked_by_other() is not None
+    first.release()
+    second.acquire()
+    second.release()
+
+
+def test_history_and_suspects(tmp_path: Path) -> None:
+    state = JobState(tmp_path / "s")
+    state.acquire()
+    state.journal.open()
+    run = state.begin_run(None)
+    state.journal.append_intents(
+        [Intent(key=f"k{i}", row=i, run=run, worst_cost_usd=Decimal("0.25")) for i in range(4)]
+    )
+    state.journal.append_results([RowResult(key="k0", row=0, status="ok", run=run)])
+    # The process dies here: no end line.
+    with (state.folder / "runs.jsonl").open("a") as handle:
+        handle.write('{"event": "end", "ru')  # a torn line
+    history = state.history()
+    assert [r.run for r in history] == [1]
+    assert not history[0].ended
+    suspects = state.suspects()
+    assert suspects is not None
+    assert (suspects.run, suspects.count, suspects.worst_cost_usd) == (1, 3, Decimal("0.75"))
+    state.release()
+
+
+def test_appending_after_a_torn_tail_keeps_the_new_records(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    journal.append_results([result(1)])
+    path = tmp_path / "results" / "000000.jsonl"
+    with path.open("ab") as handle:
+        handle.write(b'{"key": "k2", "row": 2, "sta')  # a write cut short by a full disk
+    journal.append_results([result(3)])
+    assert set(journal.read_bucket(0)) == {"k1", "k3"}
