@@ -69,6 +69,8 @@ class LimitsSpec:
     timeout_s: float = 600.0
     max_retry_wait_s: float = 60.0
     row_deadline_s: float | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +148,8 @@ class _Limits(_Strict):
     timeout_s: float = Field(default=600.0, gt=0)
     max_retry_wait_s: float = Field(default=60.0, gt=0)
     row_deadline_s: float | None = Field(default=None, gt=0)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
 class _Output(_Strict):
@@ -173,7 +177,8 @@ _SECTION_HELP = {
     "input": "path, id_column",
     "request": "base_url, api_key_env, model, system, prompt, messages_column, max_tokens, "
     "temperature, and any request-body key to pass through",
-    "limits": "max_in_flight, max_attempts, timeout_s, max_retry_wait_s, row_deadline_s",
+    "limits": "max_in_flight, max_attempts, timeout_s, max_retry_wait_s, row_deadline_s, "
+    "requests_per_minute, tokens_per_minute",
     "output": "path, keep_columns, state_dir",
     "pricing": "input, cached_input, output (USD per million tokens)",
     "": "name and the tables [input], [request], [limits], [output], [pricing]",

@@ -51,6 +51,13 @@ def figures(s: Snapshot, *, price_known: bool) -> str:
         f"ETA {duration(s.eta_s)}",
         f"in flight {s.in_flight}",
     ]
+    limiter = s.limiter
+    if limiter is not None:
+        parts.append(f"cap {limiter.cap}/{limiter.max_in_flight}")
+        rpm = f"/{limiter.requests_per_minute:,}" if limiter.requests_per_minute else ""
+        parts.append(f"{limiter.requests_last_minute:,}{rpm} req/min")
+        tpm = f"/{limiter.tokens_per_minute:,}" if limiter.tokens_per_minute else ""
+        parts.append(f"{limiter.tokens_last_minute:,}{tpm} tok/min")
     if s.retries:
         parts.append(f"retries {s.retries:,}")
     if s.rate_limited:

