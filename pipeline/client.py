@@ -248,19 +248,24 @@ class ChatClient:
         )
 
 
+_RATE_HEADER_NAMES = (b"retry-after", b"retry-after-ms")
+
+
 def _rate_headers(headers: httpx.Headers, status: int) -> dict[str, str] | None:
-    """The headers a rate limiter learns from; None when there are none (the common case)."""
-    if (
-        status != 429
-        and "x-ratelimit-remaining-requests" not in headers
-        and ("x-ratelimit-remaining-tokens" not in headers)
-    ):
-        return None
-    return {
-        name: value
-        for name, value in headers.items()
-        if name.startswith("x-ratelimit-") or name in ("retry-after", "retry-after-ms")
-    }
+    """The headers a rate limiter learns from; None when there are none (the common case).
+
+    One pass over the raw header list: ``httpx.Headers`` lookups re-scan it every time.
+    """
+    found: dict[str, str] | None = None
+    for raw_name, raw_value in headers.raw:
+        name = raw_name.lower()
+        if name.startswith(b"x-ratelimit-") or name in _RATE_HEADER_NAMES:
+            if found is None:
+                found = {}
+            found[name.decode("latin-1")] = raw_value.decode("latin-1")
+    if found is None and status == 429:
+        return {}
+    return found
 
 
 def transport_failure(exc: BaseException, timeout_s: float) -> tuple[Failure, str]:

@@ -37,7 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline import retry
 from pipeline.client import Attempt, ChatClient
-from pipeline.errors import AuthError, JobFileError, PipelineError, StateError
+from pipeline.errors import AuthError, JobFileError, PipelineError, ProviderError, StateError
 from pipeline.intents import IntentLog
 from pipeline.jobspec import JobSpec
 from pipeline.journal import Intent, bucket_of
@@ -59,6 +59,8 @@ from pipeline.stats import RunStats, Snapshot
 from pipeline.templating import RequestTemplate
 
 RESULT_BATCH = 1024
+UNREACHABLE_AFTER = 10
+"""Connection failures, with no answer ever received, after which the job stops."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,7 +216,9 @@ class Runner:
         self.state = JobState(job.output.state_path)
         self.journal = self.state.journal
         self._run_id = 0
-        self._fatal: AuthError | None = None
+        self._fatal: PipelineError | None = None
+        self._answered = False
+        self._unreachable = 0
         self._stopping = False
         self._hard_stop = False
         self._producer_scope: CancelScope | None = None
@@ -502,6 +506,8 @@ class Runner:
             if attempt.failure is retry.Failure.RATE_LIMITED:
                 stats.rate_limited += 1
             detail = redact(attempt.error or attempt.failure.value, self._api_key)
+            if self._never_reached(attempt, detail):
+                return None
             decision = retry.decide(
                 attempt.failure,
                 attempt=attempts,
@@ -553,6 +559,8 @@ class Runner:
                 attempt = await client.send(planned.body)
             finally:
                 stats.in_flight -= 1
+            if attempt.status is not None:
+                self._answered = True
             if attempt.ok:
                 outcome = "ok"
             elif attempt.failure is retry.Failure.RATE_LIMITED:
@@ -604,6 +612,24 @@ class Runner:
             model=(reply.model if reply else None) or self.job.request.model,
             run=self._run_id,
         )
+
+    def _never_reached(self, attempt: Attempt, detail: str) -> bool:
+        """Stop the job if the endpoint has never answered and keeps refusing connections."""
+        if self._answered or attempt.failure is not retry.Failure.CONNECTION:
+            return False
+        self._unreachable += 1
+        if self._unreachable < UNREACHABLE_AFTER:
+            return False
+        if self._fatal is None:
+            self._fatal = ProviderError(
+                f"cannot reach {self.url} ({detail}); {self._unreachable} attempts failed and "
+                "none was answered. Check [request] base_url (or --base-url) and the network; "
+                "run the job again once the endpoint is up."
+            )
+        self._stopping = True
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+        return True
 
     def _stop_for_auth(self, reason: str) -> None:
         if self._fatal is None:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import AuthError, JobFileError
+from pipeline.errors import AuthError, JobFileError, ProviderError
 from pipeline.jobspec import JobSpec, parse_job
 from pipeline.runner import Runner, RunOptions
 
@@ -228,3 +228,36 @@ def test_keep_column_clashing_with_an_output_column_is_rejected(tmp_path: Path) 
     job = replace(job, output=replace(job.output, keep_columns=("rid", "nope")))
     with pytest.raises(JobFileError, match=r"\[output\] keep_columns: names the column 'nope'"):
         Runner(job, api_key=None).prepare()
+
+
+def test_an_endpoint_that_never_answers_stops_the_job(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=100)
+    calls = 0
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(
+        ProviderError, match=r"cannot reach http://127\.0\.0\.1:9/v1/chat/completions"
+    ):
+        run(job, refuse)
+    assert calls < 20  # not 100 rows x 3 attempts
+
+
+def test_connection_errors_after_answers_are_retried_not_fatal(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=30)
+    seen: Counter[str] = Counter()
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        content = json.loads(request.content)["messages"][-1]["content"]
+        seen[content] += 1
+        if content != "t0" and seen[content] == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        return echo(request)
+
+    run(job, flaky)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert set(out["status"]) == {"ok"}
+    assert out["attempts"].sum() == 59
