@@ -6,8 +6,9 @@ row's request key.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -41,29 +42,24 @@ class Planner:
             wanted.append(self.id_column)
         return list(dict.fromkeys(wanted))
 
-    def plan(
-        self, batch: pa.RecordBatch, start: int, *, count_tokens: bool = False
-    ) -> Iterator[PlannedRow]:
-        """Planned rows for ``batch``, whose first row is input row ``start``.
-
-        With ``count_tokens`` the prompts are counted in one parallel tokenizer batch.
-        """
+    def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
+        """Planned rows for ``batch``, whose first row is input row ``start``."""
         rows: list[dict[str, Any]] = batch.to_pylist()
-        bodies = [self.template.body(row) for row in rows]
-        counts: list[int | None] = [None] * len(rows)
-        if count_tokens:
-            rendered = [(i, b) for i, b in enumerate(bodies) if not isinstance(b, RenderFailure)]
-            for (index, _), count in zip(
-                rendered, count_prompt_tokens([b for _, b in rendered]), strict=True
-            ):
-                counts[index] = count
-        for offset, (row, body) in enumerate(zip(rows, bodies, strict=True)):
+        for offset, row in enumerate(rows):
             index = start + offset
             row_id = str(row[self.id_column]) if self.id_column is not None else str(index)
+            body = self.template.body(row)
             if isinstance(body, RenderFailure):
                 key = request_key(self.url, b"", row_id)
                 yield PlannedRow(index, key, None, body.reason)
                 continue
             encoded = encode_body(body)
-            key = request_key(self.url, encoded, row_id)
-            yield PlannedRow(index, key, encoded, None, counts[offset])
+            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None)
+
+
+def with_prompt_tokens(rows: list[PlannedRow]) -> list[PlannedRow]:
+    """``rows`` with their prompts counted, in one parallel tokenizer batch."""
+    sendable = [row for row in rows if row.body is not None]
+    bodies = [json.loads(row.body) for row in sendable if row.body is not None]
+    counts = iter(count_prompt_tokens(bodies))
+    return [row if row.body is None else replace(row, prompt_tokens=next(counts)) for row in rows]

@@ -48,7 +48,7 @@ from pipeline.limits import (
     Outcome,
     parse_rate_limit_headers,
 )
-from pipeline.plan import PlannedRow, Planner
+from pipeline.plan import PlannedRow, Planner, with_prompt_tokens
 from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, resolve_price
 from pipeline.records import RowResult
 from pipeline.redact import redact
@@ -385,35 +385,19 @@ class Runner:
         results: ObjectSendStream[RowResult],
     ) -> None:
         batches = self._input_batches(scan)
-        start = 0
-        bucket = -1
-        earlier: dict[str, RowResult] = {}
-
-        def next_planned(first: int) -> list[PlannedRow] | None:
-            batch = next(batches, None)
-            if batch is None:
-                return None
-            return list(self.planner.plan(batch, first, count_tokens=True))
-
+        cursor = _ResumeCursor(self)
         while True:
-            planned_rows = await anyio.to_thread.run_sync(next_planned, start)
-            if planned_rows is None:
+            step = await anyio.to_thread.run_sync(cursor.next_batch, batches)
+            if step is None:
                 return
-            for planned in planned_rows:
-                if bucket_of(planned.row) != bucket:
-                    bucket = bucket_of(planned.row)
-                    earlier = await anyio.to_thread.run_sync(self.journal.read_bucket, bucket)
-                previous = earlier.get(planned.key)
-                if previous is not None and (
-                    previous.status == "ok" or not self.options.retry_failed
-                ):
-                    stats.add_resumed(previous)
-                    continue
+            pending, resumed = step
+            for previous in resumed:
+                stats.add_resumed(previous)
+            for planned in pending:
                 if planned.failure is not None:
                     await results.send(self._unrenderable(planned))
                 else:
                     await work.send(planned)
-            start += len(planned_rows)
 
     def _unrenderable(self, planned: PlannedRow) -> RowResult:
         return RowResult(
@@ -715,6 +699,40 @@ class Runner:
                 ordered = [found for found in matched if found is not None]
                 writer.write(ids, kept, ordered)
             return writer.rows
+
+
+class _ResumeCursor:
+    """Walks the input in a worker thread: plans each batch and splits it into the rows to
+    send (prompts counted) and the rows an earlier run already finished."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+        self._start = 0
+        self._bucket = -1
+        self._earlier: dict[str, RowResult] = {}
+
+    def next_batch(
+        self, batches: Iterator[pa.RecordBatch]
+    ) -> tuple[list[PlannedRow], list[RowResult]] | None:
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        runner = self._runner
+        pending: list[PlannedRow] = []
+        resumed: list[RowResult] = []
+        for planned in runner.planner.plan(batch, self._start):
+            if bucket_of(planned.row) != self._bucket:
+                self._bucket = bucket_of(planned.row)
+                self._earlier = runner.journal.read_bucket(self._bucket)
+            previous = self._earlier.get(planned.key)
+            if previous is not None and (
+                previous.status == "ok" or not runner.options.retry_failed
+            ):
+                resumed.append(previous)
+            else:
+                pending.append(planned)
+        self._start += batch.num_rows
+        return with_prompt_tokens(pending), resumed
 
 
 def _summary(report: RunReport) -> dict[str, Any]:
