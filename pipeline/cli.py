@@ -81,6 +81,11 @@ def _api_key(job: JobSpec, *, local: bool) -> str | None:
     )
 
 
+LOCAL_IDENTITY = "local://built-in-server"
+"""Request keys of --local runs: stable across the server's ports, and never the same as a
+real provider's, so results made by the built-in server are never taken for real answers."""
+
+
 def _loop_options() -> dict[str, Any]:
     """uvloop when it is installed (Linux, macOS): it halves the event loop's cost per request."""
     try:
@@ -100,7 +105,7 @@ def _endpoint(job: JobSpec, *, local: bool) -> Iterator[JobSpec]:
     from pipeline.server import ServerOptions
 
     with LocalServer(ServerOptions()) as base_url:
-        yield apply_overrides(job, Overrides(base_url=base_url))
+        yield apply_overrides(job, Overrides(base_url=base_url, identity=LOCAL_IDENTITY))
 
 
 @cli.command()
@@ -167,6 +172,8 @@ def run(
 @click.option("--input", "input_path", help="The input, if the run used --input.")
 @click.option("--output", "output_path", help="The output, if the run used --output.")
 @click.option("--limit", type=click.IntRange(min=1), help="The --limit the run used.")
+@click.option("--base-url", help="The --base-url the run used.")
+@click.option("--local", is_flag=True, help="Show the results of --local runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @_report_errors
 def status(
@@ -175,6 +182,8 @@ def status(
     input_path: str | None,
     output_path: str | None,
     limit: int | None,
+    base_url: str | None,
+    local: bool,
     as_json: bool,
 ) -> None:
     """Show where JOB_FILE stands: rows done / failed / pending, spend, the last run."""
@@ -184,10 +193,14 @@ def status(
     from pipeline.runner import Runner
     from pipeline.status import job_status
 
-    job = apply_overrides(
-        load_job(job_file), Overrides(input=input_path, output=output_path, limit=limit)
+    overrides = Overrides(
+        input=input_path,
+        output=output_path,
+        limit=limit,
+        base_url=base_url,
+        identity=LOCAL_IDENTITY if local else None,
     )
-    runner = Runner(job, api_key=None)
+    runner = Runner(apply_overrides(load_job(job_file), overrides), api_key=None)
     report = job_status(runner, runner.prepare())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

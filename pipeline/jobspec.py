@@ -55,6 +55,12 @@ class RequestSpec:
     messages_column: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     """Body parameters sent with every request (max_tokens, temperature, passthrough keys)."""
+    identity: str | None = None
+    """What identifies the endpoint in request keys, if not ``base_url`` (``--local``)."""
+
+    @property
+    def key_base(self) -> str:
+        return self.identity or self.base_url
 
     @property
     def max_tokens(self) -> int | None:
@@ -326,6 +332,7 @@ class Overrides:
     output: str | None = None
     base_url: str | None = None
     limit: int | None = None
+    identity: str | None = None
 
 
 def apply_overrides(job: JobSpec, overrides: Overrides) -> JobSpec:
@@ -341,4 +348,6 @@ def apply_overrides(job: JobSpec, overrides: Overrides) -> JobSpec:
     request = job.request
     if overrides.base_url is not None:
         request = replace(request, base_url=overrides.base_url.rstrip("/"))
+    if overrides.identity is not None:
+        request = replace(request, identity=overrides.identity)
     return replace(job, input=input_spec, output=output_spec, request=request)

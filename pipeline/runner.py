@@ -194,7 +194,8 @@ class Runner:
             params=job.request.params,
         )
         self.url = f"{job.request.base_url}/{job.request.endpoint}"
-        self.planner = Planner(template=self.template, url=self.url, id_column=job.input.id_column)
+        key_url = f"{job.request.key_base}/{job.request.endpoint}"
+        self.planner = Planner(template=self.template, url=key_url, id_column=job.input.id_column)
         self.price: Price | None = resolve_price(
             job.request.base_url, job.request.model, job.pricing
         )

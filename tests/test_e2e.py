@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -100,6 +102,34 @@ def test_sample_job_readme_command_in_a_real_process(tmp_path: Path) -> None:
         ) / 10**6
         assert row["cost_usd"] == pytest.approx(float(expected), rel=1e-12)
     assert "summary" in proc.stdout + proc.stderr
+
+    # Again: the built-in server gets another port, yet nothing is sent twice...
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "jobs/label_reviews.toml",
+            "--local",
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"requests sent\s*│\s*0 ", again.stderr), again.stderr
+    # ... and results of the built-in server never count as the real provider's.
+    _, local_status = invoke(
+        "status", "jobs/label_reviews.toml", "--output", str(out), "--local", "--json"
+    )
+    assert json.loads(local_status)["rows"]["ok"] == 300
+    _, real_status = invoke("status", "jobs/label_reviews.toml", "--output", str(out), "--json")
+    assert json.loads(real_status)["rows"] == {"total": 300, "ok": 0, "failed": 0, "pending": 300}
 
 
 def test_transient_faults_are_retried_until_every_row_is_ok(
