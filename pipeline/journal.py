@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,14 @@ from pipeline.errors import StateError
 from pipeline.records import RowResult
 
 BUCKET_ROWS = 4096
+# RowResult.to_json writes these three fields first, in this order.
+_HEAD = re.compile(rb'\{"key":"([^"]+)","row":\d+,"status":"(ok|failed)"')
+# Intent.to_json writes exactly these fields.
+_INTENT = re.compile(
+    rb'\{"key":"([^"]+)","row":(\d+),"run":(\d+),"worst_cost_usd":(null|"[0-9.Ee+-]+")\}$'
+)
+# ... and the run that recorded it last.
+_TAIL = re.compile(rb'"run":(\d+)\}$')
 
 
 def bucket_of(row: int) -> int:
@@ -51,16 +60,6 @@ class Intent:
         return json.dumps(
             {"key": self.key, "row": self.row, "run": self.run, "worst_cost_usd": cost},
             separators=(",", ":"),
-        )
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> Intent:
-        cost = data.get("worst_cost_usd")
-        return cls(
-            key=str(data["key"]),
-            row=int(data["row"]),  # type: ignore[call-overload]
-            run=int(data["run"]),  # type: ignore[call-overload]
-            worst_cost_usd=None if cost is None else Decimal(str(cost)),
         )
 
 
@@ -136,6 +135,41 @@ class Journal:
             results[record.key] = record
         return results
 
+    def bucket_status(self, bucket: int) -> dict[str, str]:
+        """Status (``ok``/``failed``) of each request key in one bucket, without parsing whole
+        records: resume needs only this, for every row already done."""
+        statuses: dict[str, str] = {}
+        path = self.results_dir / self._name(bucket)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return statuses
+        except OSError as exc:
+            raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
+        for line in data.splitlines():
+            head = _HEAD.match(line)
+            if head is None or not line.endswith(b"}"):
+                continue  # a torn or damaged line
+            statuses[head.group(1).decode()] = head.group(2).decode()
+        return statuses
+
+    def bucket_runs(self, bucket: int) -> dict[str, int]:
+        """The run that last recorded a result for each request key in one bucket."""
+        runs: dict[str, int] = {}
+        path = self.results_dir / self._name(bucket)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return runs
+        except OSError as exc:
+            raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
+        for line in data.splitlines():
+            head = _HEAD.match(line)
+            tail = _TAIL.search(line)
+            if head is not None and tail is not None:
+                runs[head.group(1).decode()] = int(tail.group(1))
+        return runs
+
     def result_buckets(self) -> list[int]:
         """Buckets that hold results, in order."""
         return sorted(int(p.stem) for p in self.results_dir.glob("*.jsonl") if p.stem.isdigit())
@@ -157,13 +191,25 @@ class Journal:
                     continue
             except FileNotFoundError:
                 continue
-            for data in _lines(path):
-                try:
-                    intent = Intent.from_json(data)
-                except (ValueError, KeyError, TypeError):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
+            for line in data.splitlines():
+                found = _INTENT.match(line)
+                if found is None or int(found.group(3)) != run:
                     continue
-                if intent.run == run:
-                    yield intent
+                worst = found.group(4)
+                yield Intent(
+                    key=found.group(1).decode(),
+                    row=int(found.group(2)),
+                    run=run,
+                    worst_cost_usd=None
+                    if worst == b"null"
+                    else Decimal(worst.strip(b'"').decode()),
+                )
 
     def append_results(self, records: Sequence[RowResult]) -> None:
         """Append ``records`` durably (write, flush, fsync) before returning."""

@@ -220,6 +220,8 @@ class Runner:
         self._fatal: PipelineError | None = None
         self._answered = False
         self._unreachable = 0
+        self._unanswered = 0
+        self._unanswered_worst: Decimal | None = Decimal(0)
         self._stopping = False
         self._hard_stop = False
         self._producer_scope: CancelScope | None = None
@@ -265,6 +267,9 @@ class Runner:
                 how = INTERRUPTED if report.interrupted else COMPLETED
                 summary = _summary(report)
             finally:
+                worst = self._unanswered_worst
+                summary["unanswered"] = self._unanswered
+                summary["unanswered_worst_usd"] = None if worst is None else str(worst)
                 self.state.end_run(self._run_id, how, summary)
         finally:
             self.state.release()
@@ -391,9 +396,8 @@ class Runner:
             step = await anyio.to_thread.run_sync(cursor.next_batch, batches)
             if step is None:
                 return
-            pending, resumed = step
-            for previous in resumed:
-                stats.add_resumed(previous)
+            pending, resumed_ok, resumed_failed = step
+            stats.add_resumed(ok=resumed_ok, failed=resumed_failed)
             for planned in pending:
                 if planned.failure is not None:
                     await results.send(self._unrenderable(planned))
@@ -433,6 +437,8 @@ class Runner:
                 if result is None:
                     continue
                 await results.send(result)
+                if result.attempts:
+                    self._count_unanswered(self._worst_cost(planned), -1)
 
     def _estimate(self, planned: PlannedRow) -> int:
         """Tokens a request reserves from a tokens/min budget: its prompt and ``max_tokens``."""
@@ -537,7 +543,9 @@ class Runner:
         retry_after = None
         try:
             if first:
-                await intents.record(self._intent(planned))
+                intent = self._intent(planned)
+                await intents.record(intent)
+                self._count_unanswered(intent.worst_cost_usd, +1)
             stats.requests += 1
             stats.in_flight += 1
             try:
@@ -563,6 +571,14 @@ class Runner:
                 headers=headers,
                 retry_after_s=retry_after,
             )
+
+    def _count_unanswered(self, worst: Decimal | None, sign: int) -> None:
+        """Requests recorded as sent whose result is not recorded (yet)."""
+        self._unanswered += sign
+        if worst is None or self._unanswered_worst is None:
+            self._unanswered_worst = None
+        else:
+            self._unanswered_worst += sign * worst
 
     def _intent(self, planned: PlannedRow) -> Intent:
         return Intent(
@@ -710,30 +726,31 @@ class _ResumeCursor:
         self._runner = runner
         self._start = 0
         self._bucket = -1
-        self._earlier: dict[str, RowResult] = {}
+        self._earlier: dict[str, str] = {}
 
     def next_batch(
         self, batches: Iterator[pa.RecordBatch]
-    ) -> tuple[list[PlannedRow], list[RowResult]] | None:
+    ) -> tuple[list[PlannedRow], int, int] | None:
+        """The next batch's rows to send, and how many earlier runs finished ok / failed."""
         batch = next(batches, None)
         if batch is None:
             return None
         runner = self._runner
         pending: list[PlannedRow] = []
-        resumed: list[RowResult] = []
+        resumed_ok = resumed_failed = 0
         for planned in runner.planner.plan(batch, self._start):
             if bucket_of(planned.row) != self._bucket:
                 self._bucket = bucket_of(planned.row)
-                self._earlier = runner.journal.read_bucket(self._bucket)
-            previous = self._earlier.get(planned.key)
-            if previous is not None and (
-                previous.status == "ok" or not runner.options.retry_failed
-            ):
-                resumed.append(previous)
+                self._earlier = runner.journal.bucket_status(self._bucket)
+            status = self._earlier.get(planned.key)
+            if status == "ok":
+                resumed_ok += 1
+            elif status is not None and not runner.options.retry_failed:
+                resumed_failed += 1
             else:
                 pending.append(planned)
         self._start += batch.num_rows
-        return with_prompt_tokens(pending), resumed
+        return with_prompt_tokens(pending), resumed_ok, resumed_failed
 
 
 def _summary(report: RunReport) -> dict[str, Any]:

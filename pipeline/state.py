@@ -29,7 +29,6 @@ from typing import IO, Any
 
 from pipeline.errors import StateError
 from pipeline.journal import Journal, append_lines, bucket_of
-from pipeline.records import RowResult
 
 # How a run ended (the "how" of its end line).
 COMPLETED = "completed"
@@ -197,20 +196,30 @@ class JobState:
     def suspects(self) -> Suspects | None:
         """Requests of the last run that were sent and have no result from that run."""
         history = self.history()
-        if not history:
-            return None
+        if not history or history[-1].how == COMPLETED:
+            return None  # a run that completed left nothing in flight
         last = history[-1]
+        if last.summary is not None and "unanswered" in last.summary:
+            # A run that ended counted its own unanswered requests.
+            unanswered = int(last.summary["unanswered"])
+            worst_text = last.summary.get("unanswered_worst_usd")
+            if unanswered <= 0:
+                return None
+            return Suspects(
+                run=last.run,
+                count=unanswered,
+                worst_cost_usd=None if worst_text is None else Decimal(worst_text),
+            )
         count = 0
         worst: Decimal | None = Decimal(0)
         bucket = -1
-        results: dict[str, RowResult] = {}
+        results: dict[str, int] = {}
         since = last.started_at - MTIME_SLACK_S
         for intent in self.journal.intents_since(last.run, since):
             if bucket_of(intent.row) != bucket:
                 bucket = bucket_of(intent.row)
-                results = self.journal.read_bucket(bucket)
-            found = results.get(intent.key)
-            if found is not None and found.run == last.run:
+                results = self.journal.bucket_runs(bucket)
+            if results.get(intent.key) == last.run:
                 continue
             count += 1
             if worst is not None and intent.worst_cost_usd is not None:

@@ -92,10 +92,10 @@ class RunStats:
         else:
             self.cost_usd += result.cost_usd
 
-    def add_resumed(self, result: RowResult) -> None:
-        self.resumed_rows += 1
-        if result.status != "ok":
-            self.resumed_failed += 1
+    def add_resumed(self, *, ok: int, failed: int) -> None:
+        """Rows that earlier runs finished (ok or failed), skipped by this run."""
+        self.resumed_rows += ok + failed
+        self.resumed_failed += failed
 
     def snapshot(self) -> Snapshot:
         return Snapshot(

@@ -11,6 +11,7 @@ rows; the API key is never part of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import string
@@ -44,6 +45,11 @@ def placeholders(template: str) -> tuple[str, ...]:
         if name not in names:
             names.append(name)
     return tuple(names)
+
+
+@functools.lru_cache(maxsize=64)
+def _placeholders_of(template: str) -> tuple[str, ...]:
+    return placeholders(template)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +129,7 @@ class RequestTemplate:
         """The input columns that requests read."""
         if self.messages_column is not None:
             return (self.messages_column,)
-        return placeholders(self.prompt or "")
+        return _placeholders_of(self.prompt or "")
 
     def messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]] | RenderFailure:
         if self.messages_column is not None:
@@ -147,15 +153,28 @@ class RequestTemplate:
         return {"model": self.model, "messages": messages, **self.params}
 
 
+# One encoder for every body: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
 def encode_body(body: Mapping[str, Any]) -> bytes:
     """Canonical JSON bytes of a body: what is sent, and what the key hashes."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+    return _ENCODER.encode(body).encode()
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed_by(url: str) -> Any:
+    digest = hashlib.blake2b(digest_size=16)
+    part = url.encode()
+    digest.update(len(part).to_bytes(8, "little"))
+    digest.update(part)
+    return digest
 
 
 def request_key(url: str, body: bytes, row_id: str) -> str:
     """A stable identity for one row's request: hash(endpoint URL, body bytes, row id)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (url.encode(), body, row_id.encode()):
+    digest = _keyed_by(url).copy()
+    for part in (body, row_id.encode()):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
-    return digest.hexdigest()
+    return str(digest.hexdigest())

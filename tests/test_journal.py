@@ -127,3 +127,16 @@ def test_appending_after_a_torn_tail_keeps_the_new_records(tmp_path: Path) -> No
         handle.write(b'{"key": "k2", "row": 2, "sta')  # a write cut short by a full disk
     journal.append_results([result(3)])
     assert set(journal.read_bucket(0)) == {"k1", "k3"}
+
+
+def test_cheap_scans_agree_with_full_records(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    journal.append_results([result(1), result(2, status="failed"), result(3)])
+    journal.append_results([RowResult(key="k3", row=3, status="failed", run=4)])
+    with (tmp_path / "results" / "000000.jsonl").open("ab") as handle:
+        handle.write(b'{"key":"k9","row":9,"status":"ok","respo')  # torn
+    full = journal.read_bucket(0)
+    assert journal.bucket_status(0) == {key: r.status for key, r in full.items()}
+    assert journal.bucket_runs(0) == {key: r.run for key, r in full.items()}
+    assert "k9" not in journal.bucket_status(0)
