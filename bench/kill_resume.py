@@ -31,8 +31,8 @@ kill, K reported by the next run), then a table of figures with PASS/FAIL per in
 JSON line (``{"bench": "kill_resume", ...}``) for machines. Exit status 0 when every invariant
 holds, 1 otherwise.
 
-    /work/venv/bin/python bench/kill_resume.py            # the acceptance numbers
-    /work/venv/bin/python bench/kill_resume.py --rows 3000 --kills 5
+    .venv/bin/python bench/kill_resume.py            # the acceptance numbers
+    .venv/bin/python bench/kill_resume.py --rows 3000 --kills 5
 """
 
 from __future__ import annotations

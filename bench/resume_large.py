@@ -50,8 +50,8 @@ whole-run peak growth and skipping slope at most ``--max-bytes-per-row`` (8) byt
 status`` counts; the output. Last, a JSON line
 (``{"bench": "resume_large", ...}``). Exit status 0 when every check holds, 1 otherwise.
 
-    /work/venv/bin/python bench/resume_large.py                  # the acceptance sizes
-    /work/venv/bin/python bench/resume_large.py --rows 100000 --done 90000
+    .venv/bin/python bench/resume_large.py                  # the acceptance sizes
+    .venv/bin/python bench/resume_large.py --rows 100000 --done 90000
 """
 
 from __future__ import annotations
