@@ -83,6 +83,7 @@ from pipeline.plan import with_prompt_tokens
 from pipeline.pricing import Usage, cost
 from pipeline.records import RowResult
 from pipeline.runner import Runner
+from pipeline.seals import Seal, batch_digest
 from pipeline.server import ServerOptions
 from pipeline.sources import iter_batches
 from pipeline.state import INTERRUPTED
@@ -247,14 +248,23 @@ class Target:
     run: int = 0
     results: list[RowResult] = field(default_factory=list)
     intents: list[Intent] = field(default_factory=list)
+    seals: list[Seal] = field(default_factory=list)
+
+    def seal_if_done(self, start: int, rows: int, digest: str) -> None:
+        """Seal a batch all of whose rows are done (written at the next flush)."""
+        if start + rows <= self.done:
+            self.seals.append(Seal(start=start, rows=rows, digest=digest, ok=rows, failed=0))
 
     def flush(self) -> None:
         if self.intents:
             self.runner.journal.append_intents(self.intents)
         if self.results:
             self.runner.journal.append_results(self.results)
+        # As a real run does: a batch is sealed only once all its results are durable.
+        self.runner.seals.append(self.seals)
         self.intents.clear()
         self.results.clear()
+        self.seals.clear()
 
 
 def build_states(jobs: dict[int, Path]) -> float:
@@ -307,6 +317,9 @@ def build_states(jobs: dict[int, Path]) -> float:
             if planned.row < targets[0].done:
                 spent = spent + usage
                 spent_usd += result.cost_usd or Decimal(0)
+        digest = batch_digest(lead.planner.fingerprint, batch)
+        for target in targets:
+            target.seal_if_done(start, batch.num_rows, digest)
         start += batch.num_rows
         for target in targets:
             if len(target.results) >= FLUSH_ROWS:
@@ -319,6 +332,9 @@ def build_states(jobs: dict[int, Path]) -> float:
             "rows_resumed": 0,
             "requests": target.done,
             "output_rows": target.done,
+            # A run stopped with Ctrl-C after its requests in flight came back.
+            "unanswered": 0,
+            "unanswered_worst_usd": "0",
         }
         target.runner.state.end_run(target.run, INTERRUPTED, summary)
         target.runner.state.release()

@@ -42,6 +42,25 @@ class Planner:
             wanted.append(self.id_column)
         return list(dict.fromkeys(wanted))
 
+    @property
+    def fingerprint(self) -> bytes:
+        """Everything besides the rows' data that decides their request keys."""
+        template = self.template
+        return json.dumps(
+            {
+                "url": self.url,
+                "model": template.model,
+                "system": template.system,
+                "prompt": template.prompt,
+                "messages_column": template.messages_column,
+                "params": dict(template.params),
+                "id_column": self.id_column,
+                "columns": self.columns,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+
     def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
         """Planned rows for ``batch``, whose first row is input row ``start``."""
         rows: list[dict[str, Any]] = batch.to_pylist()

@@ -18,6 +18,7 @@ sizes, never by the number of rows.
 
 from __future__ import annotations
 
+import bisect
 import random
 import signal
 import time
@@ -52,6 +53,7 @@ from pipeline.plan import PlannedRow, Planner, with_prompt_tokens
 from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, resolve_price
 from pipeline.records import RowResult
 from pipeline.redact import redact
+from pipeline.seals import Seal, SealBook, batch_digest
 from pipeline.sinks import RESULT_COLUMNS, OutputWriter
 from pipeline.sources import InputScan, iter_batches, resolve_input, scan_input
 from pipeline.state import COMPLETED, FAILED, INTERRUPTED, JobState, Suspects
@@ -216,6 +218,9 @@ class Runner:
         )
         self.state = JobState(job.output.state_path)
         self.journal = self.state.journal
+        self.seals = SealBook(self.state.folder)
+        self._tracks: dict[int, _Track] = {}
+        self._track_starts: list[int] = []
         self._run_id = 0
         self._fatal: PipelineError | None = None
         self._answered = False
@@ -256,6 +261,8 @@ class Runner:
         self.state.acquire()
         try:
             self.journal.open(fresh=self.options.fresh)
+            if self.options.fresh:
+                self.seals.clear()
             suspects = None if self.options.fresh else self.state.suspects()
             if suspects is not None:
                 self.reporter.notice(describe_suspects(suspects))
@@ -396,8 +403,11 @@ class Runner:
             step = await anyio.to_thread.run_sync(cursor.next_batch, batches)
             if step is None:
                 return
-            pending, resumed_ok, resumed_failed = step
+            pending, resumed_ok, resumed_failed, track = step
             stats.add_resumed(ok=resumed_ok, failed=resumed_failed)
+            if track is not None:
+                self._tracks[track.start] = track
+                self._track_starts.append(track.start)
             for planned in pending:
                 if planned.failure is not None:
                     await results.send(self._unrenderable(planned))
@@ -657,9 +667,44 @@ class Runner:
                         batch.append(results.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await anyio.to_thread.run_sync(self.journal.append_results, batch)
+                finished = self._finished_batches(batch)
+                await anyio.to_thread.run_sync(self._commit, batch, finished)
                 for result in batch:
                     stats.add_result(result)
+
+    def _commit(self, results: list[RowResult], seals: list[Seal]) -> None:
+        """Make results durable, then seal the batches they finished."""
+        self.journal.append_results(results)
+        self.seals.append(seals)
+
+    def _finished_batches(self, results: list[RowResult]) -> list[Seal]:
+        """Count ``results`` into their batches' tracks; seals for the batches now finished."""
+        seals: list[Seal] = []
+        for result in results:
+            index = bisect.bisect_right(self._track_starts, result.row) - 1
+            if index < 0:
+                continue
+            track = self._tracks.get(self._track_starts[index])
+            if track is None or result.row >= track.start + track.rows:
+                continue
+            track.remaining -= 1
+            if result.status == "ok":
+                track.ok += 1
+            else:
+                track.failed += 1
+            if track.remaining == 0:
+                seals.append(
+                    Seal(
+                        start=track.start,
+                        rows=track.rows,
+                        digest=track.digest,
+                        ok=track.ok,
+                        failed=track.failed,
+                    )
+                )
+                del self._tracks[track.start]
+                self._track_starts.remove(track.start)
+        return seals
 
     # -- the output ---------------------------------------------------------------------
 
@@ -718,27 +763,56 @@ class Runner:
             return writer.rows
 
 
+@dataclass(slots=True)
+class _Track:
+    """A batch whose rows are on their way; sealed once each has a durable result."""
+
+    start: int
+    rows: int
+    digest: str
+    remaining: int
+    ok: int
+    failed: int
+
+
 class _ResumeCursor:
     """Walks the input in a worker thread: plans each batch and splits it into the rows to
-    send (prompts counted) and the rows an earlier run already finished."""
+    send (prompts counted) and the rows an earlier run already finished. A batch sealed by an
+    earlier run, and unchanged since, is skipped without planning (see pipeline.seals)."""
 
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
         self._start = 0
         self._bucket = -1
         self._earlier: dict[str, str] = {}
+        self._seals: dict[int, Seal] | None = None
+        self._fingerprint = runner.planner.fingerprint
 
     def next_batch(
         self, batches: Iterator[pa.RecordBatch]
-    ) -> tuple[list[PlannedRow], int, int] | None:
-        """The next batch's rows to send, and how many earlier runs finished ok / failed."""
+    ) -> tuple[list[PlannedRow], int, int, _Track | None] | None:
+        """The next batch's rows to send, how many earlier runs finished ok / failed, and
+        the batch's track (None when it was skipped as sealed)."""
         batch = next(batches, None)
         if batch is None:
             return None
         runner = self._runner
+        if self._seals is None:
+            self._seals = runner.seals.read()
+        start, rows = self._start, batch.num_rows
+        self._start += rows
+        digest = batch_digest(self._fingerprint, batch)
+        seal = self._seals.get(start)
+        if (
+            seal is not None
+            and seal.rows == rows
+            and seal.digest == digest
+            and not (seal.failed and runner.options.retry_failed)
+        ):
+            return [], seal.ok, seal.failed, None
         pending: list[PlannedRow] = []
         resumed_ok = resumed_failed = 0
-        for planned in runner.planner.plan(batch, self._start):
+        for planned in runner.planner.plan(batch, start):
             if bucket_of(planned.row) != self._bucket:
                 self._bucket = bucket_of(planned.row)
                 self._earlier = runner.journal.bucket_status(self._bucket)
@@ -749,8 +823,20 @@ class _ResumeCursor:
                 resumed_failed += 1
             else:
                 pending.append(planned)
-        self._start += batch.num_rows
-        return with_prompt_tokens(pending), resumed_ok, resumed_failed
+        if not pending:
+            # Every row already has a durable result: seal it for the next resume.
+            done = Seal(start=start, rows=rows, digest=digest, ok=resumed_ok, failed=resumed_failed)
+            runner.seals.append([done])
+            return [], resumed_ok, resumed_failed, None
+        track = _Track(
+            start=start,
+            rows=rows,
+            digest=digest,
+            remaining=len(pending),
+            ok=resumed_ok,
+            failed=resumed_failed,
+        )
+        return with_prompt_tokens(pending), resumed_ok, resumed_failed, track
 
 
 def _summary(report: RunReport) -> dict[str, Any]:

@@ -18,7 +18,9 @@ import pytest
 
 from pipeline.errors import AuthError, JobFileError, ProviderError
 from pipeline.jobspec import JobSpec, parse_job
+from pipeline.plan import Planner
 from pipeline.runner import Runner, RunOptions
+from pipeline.seals import SealBook
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -261,3 +263,57 @@ def test_connection_errors_after_answers_are_retried_not_fatal(tmp_path: Path) -
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert set(out["status"]) == {"ok"}
     assert out["attempts"].sum() == 59
+
+
+def test_finished_batches_are_sealed_and_skipped_unplanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(tmp_path, rows=30)
+    run(job, echo)
+    seals = SealBook(job.output.state_path).read()
+    assert sorted(seals) == [0, 7, 14, 21, 28]  # batch_rows is 7 in these tests
+    assert sum(seal.ok for seal in seals.values()) == 30
+    planned = 0
+    original = Planner.plan
+
+    def counting(self: Planner, batch: pa.RecordBatch, start: int) -> object:
+        nonlocal planned
+        planned += batch.num_rows
+        return original(self, batch, start)
+
+    monkeypatch.setattr(Planner, "plan", counting)
+    report = run(job, echo)
+    assert report.final.resumed_rows == 30  # type: ignore[attr-defined]
+    assert planned == 30  # only the output assembly plans; the resume skipped every batch
+
+
+def test_an_edited_row_in_a_sealed_batch_is_sent_again(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=30)
+    run(job, echo)
+    table = pq.read_table(tmp_path / "in.parquet").to_pydict()
+    table["text"][9] = "changed"
+    pq.write_table(pa.table(table), tmp_path / "in.parquet")
+    sent: list[str] = []
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["messages"][-1]["content"])
+        return echo(request)
+
+    run(job, counting)
+    assert sent == ["changed"]
+    assert pl.read_parquet(tmp_path / "out.parquet")["response"][9] == "re: changed"
+
+
+def test_a_changed_template_invalidates_every_seal(tmp_path: Path) -> None:
+    job = make_job(tmp_path, rows=30)
+    run(job, echo)
+    edited = replace(job, request=replace(job.request, prompt="Now: {text}"))
+    sent = 0
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        sent += 1
+        return echo(request)
+
+    run(edited, counting)
+    assert sent == 30
