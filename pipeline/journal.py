@@ -63,15 +63,19 @@ class Intent:
         )
 
 
-def _lines(path: Path) -> Iterator[dict[str, object]]:
-    """The JSON objects of a JSON-lines file; damaged or torn lines are skipped."""
+def _read(path: Path) -> bytes:
+    """A state file's bytes; a file that does not exist yet is empty."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        return
+        return b""
     except OSError as exc:
         raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
-    for line in data.splitlines():
+
+
+def _lines(path: Path) -> Iterator[dict[str, object]]:
+    """The JSON objects of a JSON-lines file; damaged or torn lines are skipped."""
+    for line in _read(path).splitlines():
         try:
             value = json.loads(line)
         except ValueError:
@@ -139,14 +143,7 @@ class Journal:
         """Status (``ok``/``failed``) of each request key in one bucket, without parsing whole
         records: resume needs only this, for every row already done."""
         statuses: dict[str, str] = {}
-        path = self.results_dir / self._name(bucket)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return statuses
-        except OSError as exc:
-            raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
-        for line in data.splitlines():
+        for line in _read(self.results_dir / self._name(bucket)).splitlines():
             head = _HEAD.match(line)
             if head is None or not line.endswith(b"}"):
                 continue  # a torn or damaged line
@@ -156,14 +153,7 @@ class Journal:
     def bucket_runs(self, bucket: int) -> dict[str, int]:
         """The run that last recorded a result for each request key in one bucket."""
         runs: dict[str, int] = {}
-        path = self.results_dir / self._name(bucket)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return runs
-        except OSError as exc:
-            raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
-        for line in data.splitlines():
+        for line in _read(self.results_dir / self._name(bucket)).splitlines():
             head = _HEAD.match(line)
             tail = _TAIL.search(line)
             if head is not None and tail is not None:
@@ -191,13 +181,7 @@ class Journal:
                     continue
             except FileNotFoundError:
                 continue
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise StateError(f"cannot read {path} ({exc.strerror or exc}).") from None
-            for line in data.splitlines():
+            for line in _read(path).splitlines():
                 found = _INTENT.match(line)
                 if found is None or int(found.group(3)) != run:
                     continue

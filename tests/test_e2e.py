@@ -67,10 +67,9 @@ def invoke(*args: str, key: str | None = SECRET) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_sample_job_readme_command_in_a_real_process(tmp_path: Path) -> None:
-    """The README's first command, as a newcomer runs it (a subprocess, --local)."""
-    out = tmp_path / "labels.parquet"
-    proc = subprocess.run(
+def run_sample(out: Path) -> subprocess.CompletedProcess[str]:
+    """The README's sample job in its own process, against the embedded server."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -87,6 +86,12 @@ def test_sample_job_readme_command_in_a_real_process(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
+
+
+def test_sample_job_readme_command_in_a_real_process(tmp_path: Path) -> None:
+    """The README's first command, as a newcomer runs it (a subprocess, --local)."""
+    out = tmp_path / "labels.parquet"
+    proc = run_sample(out)
     assert proc.returncode == 0, proc.stderr
     df = pl.read_parquet(out)
     source = pl.read_parquet(ROOT / "data/sample/reviews.parquet")
@@ -104,23 +109,7 @@ def test_sample_job_readme_command_in_a_real_process(tmp_path: Path) -> None:
     assert "summary" in proc.stdout + proc.stderr
 
     # Again: the built-in server gets another port, yet nothing is sent twice...
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            "jobs/label_reviews.toml",
-            "--local",
-            "--output",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    again = run_sample(out)
     assert again.returncode == 0, again.stderr
     assert re.search(r"requests sent\s*│\s*0 ", again.stderr), again.stderr
     # ... and results of the built-in server never count as the real provider's.
