@@ -1,5 +1,54 @@
-"""pipeline: batch-processing engine for large offline LLM workloads."""
+"""pipeline: batch-processing engine for large offline LLM workloads.
+
+The public API; everything else is internal and may change::
+
+    from pipeline import Runner, RunOptions, load_job
+
+    job = load_job("jobs/label_reviews.toml")
+    runner = Runner(job, api_key=job.api_key())
+    report = anyio.run(runner.run, runner.prepare())
+"""
 
 from __future__ import annotations
 
+from pipeline.errors import (
+    AuthError,
+    InputError,
+    JobFileError,
+    PipelineError,
+    ProviderError,
+    StateError,
+    UsageError,
+)
+from pipeline.jobspec import JobSpec, Overrides, apply_overrides, load_job, parse_job
+from pipeline.pricing import Price, Usage, cost, resolve_price
+from pipeline.runner import Reporter, Runner, RunOptions, RunReport
+from pipeline.status import JobStatus, job_status
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "InputError",
+    "JobFileError",
+    "JobSpec",
+    "JobStatus",
+    "Overrides",
+    "PipelineError",
+    "Price",
+    "ProviderError",
+    "Reporter",
+    "RunOptions",
+    "RunReport",
+    "Runner",
+    "StateError",
+    "Usage",
+    "UsageError",
+    "__version__",
+    "apply_overrides",
+    "cost",
+    "job_status",
+    "load_job",
+    "parse_job",
+    "resolve_price",
+]
