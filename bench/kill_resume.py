@@ -52,12 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import httpx
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.localserver import LocalServer
+from pipeline.localserver import LocalServer, StatsClient
 from pipeline.server import ServerOptions
 from pipeline.state import JobState, RunRecord
 
@@ -66,28 +65,6 @@ POLL_S = 0.02
 PROGRESS_TIMEOUT_S = 120.0
 FINAL_TIMEOUT_S = 1800.0
 RESERVE_PER_KILL_FACTOR = 8  # rows left per remaining kill, in units of max_in_flight
-
-
-class ServerCounters:
-    """``GET /_stats`` over one kept-alive connection.
-
-    :func:`pipeline.localserver.server_stats` builds a new ``httpx.Client`` per call (about
-    30 ms of CPU, most of it SSL set-up), which polled every 20 ms would take a whole core from
-    the run being measured; this costs about 1 ms.
-    """
-
-    def __init__(self, base_url: str) -> None:
-        self._url = base_url.rstrip("/").removesuffix("/v1") + "/_stats"
-        self._client = httpx.Client(timeout=10)
-
-    def __call__(self) -> dict[str, Any]:
-        response = self._client.get(self._url)
-        response.raise_for_status()
-        data: dict[str, Any] = response.json()
-        return data
-
-    def close(self) -> None:
-        self._client.close()
 
 
 @dataclass(slots=True)
@@ -224,7 +201,7 @@ def kill_one(
     kills: int,
     job: Path,
     logs: Path,
-    counters: ServerCounters,
+    counters: StatsClient,
     state_dir: Path,
     rng: random.Random,
     args: argparse.Namespace,
@@ -304,7 +281,7 @@ def run_bench(args: argparse.Namespace, folder: Path) -> Outcome:
         seed=args.seed,
     )
     with LocalServer(options) as base:
-        counters = ServerCounters(base)
+        counters = StatsClient(base)
         input_path = write_input(folder, args.rows)
         job = write_job(folder, input_path, base, args.in_flight)
         state_dir = folder / "out.parquet.state"

@@ -71,14 +71,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.jobspec import load_job
 from pipeline.journal import Intent
-from pipeline.localserver import LocalServer
+from pipeline.localserver import LocalServer, StatsClient
 from pipeline.plan import with_prompt_tokens
 from pipeline.pricing import Usage, cost
 from pipeline.records import RowResult
@@ -132,32 +131,6 @@ WORDS = (
     "quiver",
     "rustic",
 )
-
-
-class ServerCounters:
-    """``GET /_stats`` over one kept-alive connection.
-
-    :func:`pipeline.localserver.server_stats` builds a new ``httpx.Client`` per call (about
-    30 ms of CPU, most of it SSL set-up), which polled every 20 ms would take a whole core from
-    the run being measured; this costs about 1 ms.
-    """
-
-    def __init__(self, base_url: str) -> None:
-        self._url = base_url.rstrip("/").removesuffix("/v1") + "/_stats"
-        self._client = httpx.Client(timeout=10)
-
-    def reset(self) -> None:
-        """Zero the counters (``POST /_stats/reset``)."""
-        self._client.post(f"{self._url}/reset").raise_for_status()
-
-    def __call__(self) -> dict[str, Any]:
-        response = self._client.get(self._url)
-        response.raise_for_status()
-        data: dict[str, Any] = response.json()
-        return data
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -425,7 +398,7 @@ def median_rss(samples: list[tuple[float, int]], since: float, until: float) -> 
     return inside[len(inside) // 2] if inside else 0
 
 
-def resume(job: Path, done: int, counters: ServerCounters, stop_after: int | None) -> Resume:
+def resume(job: Path, done: int, counters: StatsClient, stop_after: int | None) -> Resume:
     """Run the job, measure, stop it with SIGINT after ``stop_after`` requests if given."""
     counters.reset()
     result = Resume(done=done)
@@ -633,7 +606,7 @@ def run_bench(args: argparse.Namespace, folder: Path, began: float) -> int:
     print(f"work folder: {folder}")
     with LocalServer(ServerOptions(profile="deepseek", latency_ms=args.latency_ms)) as base:
         prepared = prepare(args, folder, base)
-        counters = ServerCounters(base)
+        counters = StatsClient(base)
         resumes: list[Resume] = []
         for done in scenarios:
             limit = args.sends

@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.localserver import LocalServer, reset_server_stats, server_stats
+from pipeline.localserver import LocalServer, StatsClient, server_stats
 from pipeline.server import ServerOptions
 
 HERE = Path(__file__).resolve().parent
@@ -176,17 +176,17 @@ def scenario_c(folder: Path, rows: int, warmup_s: float = 20.0) -> Result:
     latency = 0.2
     options = ServerOptions(latency_ms=latency * 1000, max_concurrency=40)
     samples: list[tuple[float, int]] = []
-    with LocalServer(options) as base:
-        reset_server_stats(base)
+    with LocalServer(options) as base, StatsClient(base) as counters:
+        counters.reset()
         job = make_job(folder, "c", make_input(folder, rows), base, "max_in_flight = 500")
 
         def sample(stop: threading.Event) -> None:
             while not stop.is_set():
-                samples.append((time.monotonic(), server_stats(base)["ok"]))
+                samples.append((time.monotonic(), counters()["ok"]))
                 stop.wait(0.5)
 
         wall, cpu, _ = run_measured(pipeline_argv(job), sampler=sample)
-        stats = server_stats(base)
+        stats = counters()
     first = next((t for t, ok in samples if ok > 0), samples[0][0])
     after = [(t, ok) for t, ok in samples if t - first >= warmup_s]
     steady = (after[-1][1] - after[0][1]) / (after[-1][0] - after[0][0]) if len(after) > 1 else 0
