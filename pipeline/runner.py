@@ -443,12 +443,13 @@ class Runner:
             async for planned in work:
                 if self._stopping:
                     continue  # drain what was queued without sending it
-                result = await self._send_row(client, stats, intents, planned)
+                intent = self._intent(planned)
+                result = await self._send_row(client, stats, intents, planned, intent)
                 if result is None:
                     continue
                 await results.send(result)
                 if result.attempts:
-                    self._count_unanswered(self._worst_cost(planned), -1)
+                    self._count_unanswered(intent.worst_cost_usd, -1)
 
     def _estimate(self, planned: PlannedRow) -> int:
         """Tokens a request reserves from a tokens/min budget: its prompt and ``max_tokens``."""
@@ -472,7 +473,12 @@ class Runner:
         return max(used, estimate)
 
     async def _send_row(
-        self, client: ChatClient, stats: RunStats, intents: IntentLog, planned: PlannedRow
+        self,
+        client: ChatClient,
+        stats: RunStats,
+        intents: IntentLog,
+        planned: PlannedRow,
+        intent: Intent,
     ) -> RowResult | None:
         """Send one row until it succeeds or fails for good; None if the job stops first."""
         assert planned.body is not None
@@ -483,7 +489,12 @@ class Runner:
         while True:
             try:
                 attempt = await self._attempt(
-                    client, stats, intents, planned, estimate=estimate, first=attempts == 0
+                    client,
+                    stats,
+                    intents,
+                    planned,
+                    estimate=estimate,
+                    intent=intent if attempts == 0 else None,
                 )
             except NeverFitsError as exc:
                 return RowResult(
@@ -542,9 +553,10 @@ class Runner:
         planned: PlannedRow,
         *,
         estimate: int,
-        first: bool,
+        intent: Intent | None,
     ) -> Attempt:
-        """One attempt: wait for the limiter, record the intent (first time), send, release."""
+        """One attempt: wait for the limiter, record ``intent`` (given on the first attempt
+        only), send, release."""
         assert planned.body is not None
         grant = await self.limiter.acquire(estimate)
         outcome: Outcome = "error"
@@ -552,8 +564,7 @@ class Runner:
         headers = None
         retry_after = None
         try:
-            if first:
-                intent = self._intent(planned)
+            if intent is not None:
                 await intents.record(intent)
                 self._count_unanswered(intent.worst_cost_usd, +1)
             stats.requests += 1
