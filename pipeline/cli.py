@@ -1,7 +1,7 @@
 """The command line: ``pipeline run``, ``pipeline serve``.
 
 Exit codes: 0 every row ok; 1 the job could not run; 2 usage error (job file, flags, input);
-3 finished with failed rows; 130 interrupted.
+3 finished with failed rows; 4 stopped at the budget's cap; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import anyio
@@ -19,6 +20,7 @@ import click
 from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_OVER_BUDGET,
     EXIT_ROWS_FAILED,
     JobFileError,
     PipelineError,
@@ -45,14 +47,18 @@ def _report_errors(func: F) -> F:
 
 
 class _Cli(click.Group):
-    """Loads ``serve`` lazily so ``pipeline run`` does not import the server."""
+    """Loads ``serve`` and ``estimate`` lazily so ``pipeline run`` does not import them."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "serve"])
+        return sorted([*super().list_commands(ctx), "serve", "estimate"])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "serve":
             return _server_command()
+        if name == "estimate":
+            from pipeline.cli_estimate import estimate
+
+            return estimate
         return super().get_command(ctx, name)
 
 
@@ -117,6 +123,23 @@ def _endpoint(job: JobSpec, *, local: bool) -> Iterator[JobSpec]:
 @click.option("--limit", type=click.IntRange(min=1), help="Process only the first N rows.")
 @click.option("--fresh", is_flag=True, help="Forget earlier results of this job; start over.")
 @click.option("--retry-failed", is_flag=True, help="Send rows again that ended failed.")
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop before the job's spend (all runs) could pass this many USD (exit code 4).",
+)
+@click.option("--model", help="OpenAI batch file: send every request to this model.")
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=1),
+    help="OpenAI batch file: requests in flight at most (default 64).",
+)
+@click.option(
+    "--api-key-env",
+    default="OPENAI_API_KEY",
+    show_default=True,
+    help="OpenAI batch file: the environment variable holding the API key.",
+)
 @_report_errors
 def run(
     job_file: str,
@@ -128,16 +151,38 @@ def run(
     limit: int | None,
     fresh: bool,
     retry_failed: bool,
+    max_cost: float | None,
+    model: str | None,
+    max_in_flight: int | None,
+    api_key_env: str,
 ) -> None:
-    """Run JOB_FILE: send one request per input row and write the output Parquet."""
+    """Run JOB_FILE: send one request per input row and write the output Parquet.
+
+    JOB_FILE is a job file (.toml), or an OpenAI Batch API input file (.jsonl) to run as it
+    is: give --base-url (or --local) and optionally --output, --model, --max-in-flight.
+    """
     from pipeline.progress import LiveReporter
     from pipeline.runner import Runner, RunOptions
 
     if local and base_url:
         raise click.UsageError("--local and --base-url cannot be used together.")
+    overrides = Overrides(
+        input=input_path,
+        output=output_path,
+        base_url=base_url,
+        limit=limit,
+        max_cost=None if max_cost is None else Decimal(str(max_cost)),
+    )
     job = apply_overrides(
-        load_job(job_file),
-        Overrides(input=input_path, output=output_path, base_url=base_url, limit=limit),
+        _load_job_or_batch(
+            job_file,
+            model=model,
+            max_in_flight=max_in_flight,
+            api_key_env=api_key_env,
+            base_url=base_url,
+            local=local,
+        ),
+        overrides,
     )
     api_key = _api_key(job, local=local)
     reporter = LiveReporter()
@@ -145,6 +190,8 @@ def run(
     with _endpoint(job, local=local) as target:
         runner = Runner(target, api_key=api_key, options=options, reporter=reporter)
         scan = runner.prepare()
+        for warning in runner.warnings():
+            click.echo(f"warning: {warning}", err=True)
         try:
             report = anyio.run(runner.run, scan, backend_options=_loop_options())
         except KeyboardInterrupt:
@@ -164,7 +211,47 @@ def run(
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
+    if report.over_budget and report.budget is not None:
+        budget = report.budget
+        click.echo(
+            f"stopped at the budget: ${budget.spent:.6f} spent of the ${budget.cap} cap, and "
+            "the next request could have passed it. Finished rows are kept in "
+            f"{target.output.state_path}. To continue, raise [budget] max_cost_usd or pass a "
+            "higher --max-cost and run the same command again: finished rows are not sent "
+            "again.",
+            err=True,
+        )
+        sys.exit(EXIT_OVER_BUDGET)
     sys.exit(EXIT_OK if report.all_ok else EXIT_ROWS_FAILED)
+
+
+def _load_job_or_batch(
+    path: str,
+    *,
+    model: str | None,
+    max_in_flight: int | None,
+    api_key_env: str | None,
+    base_url: str | None,
+    local: bool,
+) -> JobSpec:
+    """A job file, or a job made from an OpenAI batch input file and the flags."""
+    from pathlib import Path
+
+    from pipeline.batchfile import batch_file_job, looks_like_batch_file
+
+    if looks_like_batch_file(Path(path)):
+        if base_url is None and not local:
+            raise click.UsageError(
+                f"{path} is an OpenAI batch file: give --base-url (the endpoint to send it to) "
+                "or --local."
+            )
+        return batch_file_job(
+            Path(path), model=model, max_in_flight=max_in_flight, api_key_env=api_key_env
+        )
+    for flag, value in (("--model", model), ("--max-in-flight", max_in_flight)):
+        if value is not None:
+            raise click.UsageError(f"{flag} is for OpenAI batch files; set it in {path}.")
+    return load_job(path)
 
 
 @cli.command()
@@ -206,6 +293,44 @@ def status(
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         print_status(report)
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["openai-batch"]),
+    default="openai-batch",
+    show_default=True,
+    help="openai-batch: the OpenAI Batch API's output file format (also vLLM run-batch's).",
+)
+@click.option("--output", "output_path", help="The run's output, if it used --output.")
+@click.option("--to", "dest", help="Write here (default: beside the output, .jsonl).")
+@_report_errors
+def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None) -> None:
+    """Write JOB_FILE's results in another tool's format (nothing is sent)."""
+    from pathlib import Path
+
+    from pipeline.batchfile import export_openai_batch
+
+    job = apply_overrides(
+        _load_job_or_batch(
+            job_file, model=None, max_in_flight=None, api_key_env=None, base_url=None, local=True
+        ),
+        Overrides(output=output_path),
+    )
+    source = Path(job.output.path)
+    if not source.is_file():
+        raise JobFileError(
+            job.source,
+            "[output] path",
+            f"there is no output at {source} yet.",
+            "Run the job first (or pass --output if the run used it).",
+        )
+    target = Path(dest) if dest else source.with_name(f"{source.stem}.{fmt}.jsonl")
+    rows = export_openai_batch(source, target, endpoint=job.request.endpoint)
+    click.echo(f"wrote {rows:,} results to {target} ({fmt})")
 
 
 def _server_command() -> click.Command:

@@ -25,6 +25,7 @@ import anyio
 import httpx
 
 from pipeline.pricing import Usage
+from pipeline.records import ToolCall
 from pipeline.retry import Failure, failure_of_status
 
 USER_AGENT = "pipeline/0.1"
@@ -39,6 +40,8 @@ class Reply:
     reasoning: str | None
     finish_reason: str | None
     model: str | None
+    response_id: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,8 +129,36 @@ def _error_message(status: int, raw: bytes, content_type: str) -> str:
     return f"HTTP {status}: {_short(text)}"
 
 
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def parse_tool_calls(value: Any) -> tuple[ToolCall, ...] | None:
+    """OpenAI-style ``message.tool_calls``; None when the value is malformed."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        return None
+    calls: list[ToolCall] = []
+    for item in value:
+        function = item.get("function") if isinstance(item, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            return None
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):  # some servers send an object, not JSON text
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append(
+            ToolCall(id=_str(item.get("id")) or "", name=function["name"], arguments=arguments)
+        )
+    return tuple(calls)
+
+
 def parse_reply(raw: bytes) -> tuple[Reply | None, Usage | None, str | None]:
-    """Parse a 200 body (leading blank keep-alive lines allowed) into (reply, usage, error)."""
+    """Parse a 200 body (leading blank keep-alive lines allowed) into (reply, usage, error).
+
+    Chat completions carry ``choices[0].message``; text (FIM) completions carry
+    ``choices[0].text``, which becomes the reply's content.
+    """
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -144,16 +175,21 @@ def parse_reply(raw: bytes) -> tuple[Reply | None, Usage | None, str | None]:
     choice = choices[0]
     message = choice.get("message")
     if not isinstance(message, Mapping):
-        return None, usage, "the response's first choice has no message"
-    content = message.get("content")
+        if isinstance(choice.get("text"), str):
+            message = {"content": choice["text"]}
+        else:
+            return None, usage, "the response's first choice has no message"
+    calls = parse_tool_calls(message.get("tool_calls"))
+    if calls is None:
+        return None, usage, "the response's tool_calls are malformed"
     reasoning = message.get("reasoning_content")
-    finish = choice.get("finish_reason")
-    model = payload.get("model")
     reply = Reply(
-        content=content if isinstance(content, str) else None,
+        content=_str(message.get("content")),
         reasoning=reasoning if isinstance(reasoning, str) and reasoning else None,
-        finish_reason=finish if isinstance(finish, str) else None,
-        model=model if isinstance(model, str) else None,
+        finish_reason=_str(choice.get("finish_reason")),
+        model=_str(payload.get("model")),
+        response_id=_str(payload.get("id")),
+        tool_calls=calls,
     )
     return reply, usage, None
 

@@ -3,19 +3,59 @@
 Prices are USD per million tokens, held as :class:`~decimal.Decimal` so that fractional
 prices are exact; costs are computed from integer token counts. A model with no known price
 costs ``None`` (unknown), never $0.
+
+A price may have an off-peak window (:class:`OffPeak`): a daily UTC time range in which a
+fraction of the price is paid. :func:`price_at` gives the flat price in effect at one instant;
+:func:`cost` always takes a flat price (callers pass the effective one).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, time
 from decimal import Decimal
 from urllib.parse import urlsplit
 
 from pipeline.jobspec import PriceOverride
 
 MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OffPeak:
+    """A daily UTC window in which only ``discount`` of the price is paid.
+
+    ``start`` is inclusive and ``end`` exclusive; a window whose end is earlier than its start
+    wraps midnight (16:30-00:30 is 16:30 to 24:00 plus 00:00 to 00:30).
+    """
+
+    start: time
+    end: time
+    discount: Decimal
+    """The fraction of the price paid off-peak (0.5: half price), 0 < discount <= 1."""
+
+    def __post_init__(self) -> None:
+        if not Decimal(0) < self.discount <= Decimal(1):
+            raise ValueError(f"off-peak discount must be in (0, 1], got {self.discount}")
+        if self.start == self.end:
+            raise ValueError("an off-peak window must not start and end at the same time")
+        if self.start.tzinfo is not None or self.end.tzinfo is not None:
+            raise ValueError("off-peak times are naive UTC times of day")
+
+    def contains(self, moment: time) -> bool:
+        """Whether the UTC time of day ``moment`` falls in the window."""
+        moment = moment.replace(tzinfo=None)
+        if self.start < self.end:
+            return self.start <= moment < self.end
+        return moment >= self.start or moment < self.end
+
+    def describe(self) -> str:
+        """``16:30-00:30 UTC at 50%``."""
+        share = self.discount * 100
+        shown = f"{share:f}".rstrip("0").rstrip(".")
+        return f"{self.start:%H:%M}-{self.end:%H:%M} UTC at {shown}%"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,6 +68,31 @@ class Price:
     """Input tokens served from the provider's prompt cache."""
     output: Decimal
     """Output tokens, reasoning tokens included."""
+    off_peak: OffPeak | None = None
+    """A daily window at a lower price, if the provider has one."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostParts:
+    """USD cost of a usage, split by what is billed."""
+
+    uncached_input: Decimal
+    cached_input: Decimal
+    output: Decimal
+
+    @property
+    def total(self) -> Decimal:
+        return self.uncached_input + self.cached_input + self.output
+
+    def __add__(self, other: CostParts) -> CostParts:
+        return CostParts(
+            uncached_input=self.uncached_input + other.uncached_input,
+            cached_input=self.cached_input + other.cached_input,
+            output=self.output + other.output,
+        )
+
+
+ZERO_COST = CostParts(uncached_input=Decimal(0), cached_input=Decimal(0), output=Decimal(0))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,9 +122,13 @@ BUILTIN_PRICES: Mapping[tuple[str, str], Price] = {
     ("wavespeed", "deepseek/deepseek-v4-flash"): Price(
         input=Decimal("0.17"), cached_input=Decimal("0.17"), output=Decimal("0.34")
     ),
-    # DeepSeek's own API.
+    # DeepSeek's own API. The off-peak window is DeepSeek's *announced* schedule (half price
+    # from 16:30 to 00:30 UTC); a job's [pricing] off_peak_* keys override it.
     ("deepseek", "deepseek-v4-flash"): Price(
-        input=Decimal("0.14"), cached_input=Decimal("0.0028"), output=Decimal("0.28")
+        input=Decimal("0.14"),
+        cached_input=Decimal("0.0028"),
+        output=Decimal("0.28"),
+        off_peak=OffPeak(start=time(16, 30), end=time(0, 30), discount=Decimal("0.5")),
     ),
 }
 
@@ -102,7 +171,8 @@ def resolve_price(base_url: str, model: str, override: PriceOverride | None) -> 
     """The price a job pays: the built-in table, with the job's ``[pricing]`` on top.
 
     An override that gives ``input`` and ``output`` prices a model the table lacks;
-    ``cached_input`` then defaults to ``input``.
+    ``cached_input`` then defaults to ``input``. An override's off-peak window replaces the
+    table's (``off_peak_discount = 1`` in effect removes it).
     """
     base = builtin_price(base_url, model)
     if override is None:
@@ -118,7 +188,57 @@ def resolve_price(base_url: str, model: str, override: PriceOverride | None) -> 
     cached = override.cached_input
     if cached is None:
         cached = base.cached_input if base is not None else input_price
-    return Price(input=input_price, cached_input=cached, output=output_price)
+    off_peak = base.off_peak if base is not None else None
+    if (
+        override.off_peak_start is not None
+        and override.off_peak_end is not None
+        and override.off_peak_discount is not None
+    ):
+        off_peak = OffPeak(
+            start=override.off_peak_start,
+            end=override.off_peak_end,
+            discount=override.off_peak_discount,
+        )
+    return Price(input=input_price, cached_input=cached, output=output_price, off_peak=off_peak)
+
+
+def _utc_time(when: datetime) -> time:
+    """The UTC time of day of ``when`` (a naive datetime is taken to be UTC)."""
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.time().replace(tzinfo=None)
+
+
+def price_at(price: Price, when: datetime) -> Price:
+    """The flat price in effect at the instant ``when`` (naive datetimes are UTC).
+
+    Inside the off-peak window every part is multiplied by the discount. The result has no
+    window of its own (``off_peak=None``), so it can be passed straight to :func:`cost`.
+    """
+    window = price.off_peak
+    if window is None or not window.contains(_utc_time(when)):
+        return replace(price, off_peak=None)
+    return off_peak_price(price, window)
+
+
+def off_peak_price(price: Price, window: OffPeak) -> Price:
+    """``price`` with every part at the window's discount, as a flat price."""
+    factor = window.discount
+    return Price(
+        input=price.input * factor,
+        cached_input=price.cached_input * factor,
+        output=price.output * factor,
+    )
+
+
+def cost_parts(usage: Usage, price: Price) -> CostParts:
+    """Exact USD cost of ``usage`` at the flat ``price``, split into its three parts."""
+    uncached = usage.prompt_tokens - usage.cached_tokens
+    return CostParts(
+        uncached_input=uncached * price.input / MILLION,
+        cached_input=usage.cached_tokens * price.cached_input / MILLION,
+        output=usage.completion_tokens * price.output / MILLION,
+    )
 
 
 def cost(usage: Usage, price: Price | None) -> Decimal | None:

@@ -96,7 +96,7 @@ class LiveReporter(Reporter):
         if not self._price_known:
             self.console.print(
                 f"[yellow]No price is known for {job.request.model} at "
-                f"{job.request.base_url}: costs will show as unknown. Add a [pricing] table "
+                f"{job.request.base_url}: costs will show as unknown. Add a \\[pricing] table "
                 "to the job to track spend.[/yellow]"
             )
         if self.live_mode:
@@ -149,6 +149,10 @@ def print_summary(console: Console, report: RunReport) -> None:
     table.add_column(justify="right")
     table.add_row("rows ok", f"{s.ok + s.resumed_rows - s.resumed_failed:,}")
     table.add_row("rows failed", f"{s.failed + s.resumed_failed:,}")
+    if s.truncated:
+        table.add_row("  of them truncated", f"{s.truncated:,} (finish_reason length)")
+    if s.reasks:
+        table.add_row("re-asks", f"{s.reasks:,} (answers that failed the schema, billed)")
     if s.resumed_rows:
         table.add_row("from earlier runs", f"{s.resumed_rows:,}")
     table.add_row(
@@ -160,6 +164,17 @@ def print_summary(console: Console, report: RunReport) -> None:
         f"{s.usage.completion_tokens:,} ({s.usage.reasoning_tokens:,} reasoning)",
     )
     table.add_row("cost (this run)", money(s.cost_usd, known=report.price_known))
+    parts = s.cost_parts
+    if parts is not None and report.price_known and parts.total:
+        table.add_row(
+            "  by kind",
+            f"input {money(parts.uncached_input)}, cached input {money(parts.cached_input)}, "
+            f"output {money(parts.output)}",
+        )
+    if report.budget is not None:
+        budget = report.budget
+        stopped = " (stopped: the next request could pass it)" if report.over_budget else ""
+        table.add_row("budget", f"{money(budget.spent)} spent of {money(budget.cap)}{stopped}")
     table.add_row("wall time", f"{s.elapsed_s:.1f} s ({s.requests_per_s:,.1f} req/s)")
     if report.suspects is not None:
         worst = report.suspects.worst_cost_usd
@@ -167,7 +182,7 @@ def print_summary(console: Console, report: RunReport) -> None:
             "possibly billed twice",
             f"{report.suspects.count:,} (worst case {money(worst)})",
         )
-    if report.interrupted:
+    if report.interrupted or report.over_budget:
         pending = s.total_rows - s.done
         table.add_row("output", f"{report.output} ({report.output_rows:,} finished rows so far)")
         table.add_row("pending", f"{pending:,} rows: run the same command again to resume")
@@ -201,6 +216,13 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
         f"{spent.completion_tokens:,} out ({spent.reasoning_tokens:,} reasoning)",
     )
     table.add_row("cost so far", money(status.spent_usd))
+    parts = status.spent_parts
+    if parts is not None and parts.total:
+        table.add_row(
+            "  by kind",
+            f"input {money(parts.uncached_input)}, cached input {money(parts.cached_input)}, "
+            f"output {money(parts.output)} (at today's price)",
+        )
     last = status.last_run
     if last is None:
         table.add_row("last run", "none yet")

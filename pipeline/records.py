@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -10,6 +11,26 @@ from typing import Any, Literal
 from pipeline.pricing import ZERO_USAGE, Usage
 
 Status = Literal["ok", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model asked for; ``arguments`` is the JSON text it wrote."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ToolCall:
+        return cls(
+            id=str(data.get("id") or ""),
+            name=str(data.get("name") or ""),
+            arguments=str(data.get("arguments") or ""),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +53,13 @@ class RowResult:
     model: str | None = None
     run: int = 0
     """The run that recorded this result."""
+    response_id: str | None = None
+    """The provider's id of the (last) answer."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    structured: Mapping[str, Any] | None = None
+    """The answer parsed and validated against the job's output schema."""
+    reasks: int = 0
+    """Answers that failed the output schema and were asked again (each one billed)."""
 
     def to_json(self) -> str:
         usage = self.usage
@@ -54,6 +82,10 @@ class RowResult:
                 "latency_ms": self.latency_ms,
                 "error": self.error,
                 "model": self.model,
+                "response_id": self.response_id,
+                "tool_calls": [call.to_dict() for call in self.tool_calls] or None,
+                "structured": self.structured,
+                "reasks": self.reasks,
                 "run": self.run,
             },
             ensure_ascii=False,
@@ -83,4 +115,8 @@ class RowResult:
             error=data.get("error"),
             model=data.get("model"),
             run=data.get("run", 0),
+            response_id=data.get("response_id"),
+            tool_calls=tuple(ToolCall.from_dict(call) for call in data.get("tool_calls") or ()),
+            structured=data.get("structured"),
+            reasks=data.get("reasks", 0),
         )

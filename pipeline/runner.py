@@ -19,11 +19,13 @@ sizes, never by the number of rows.
 from __future__ import annotations
 
 import bisect
+import json
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline import retry
-from pipeline.client import Attempt, ChatClient
+from pipeline.batchfile import BATCH_COLUMNS, BatchPlanner, iter_batch_records, scan_batch_file
+from pipeline.budget import Budget
+from pipeline.client import Attempt, ChatClient, Reply
 from pipeline.errors import AuthError, JobFileError, PipelineError, ProviderError, StateError
 from pipeline.intents import IntentLog
 from pipeline.jobspec import JobSpec
@@ -49,18 +53,24 @@ from pipeline.limits import (
     Outcome,
     parse_rate_limit_headers,
 )
+from pipeline.models import model_facts
 from pipeline.plan import PlannedRow, Planner, with_prompt_tokens
-from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, resolve_price
-from pipeline.records import RowResult
+from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, price_at, resolve_price
+from pipeline.records import RowResult, ToolCall
 from pipeline.redact import redact
+from pipeline.schema import Invalid
 from pipeline.seals import Seal, SealBook, batch_digest
 from pipeline.sinks import RESULT_COLUMNS, OutputWriter
 from pipeline.sources import InputScan, iter_batches, resolve_input, scan_input
-from pipeline.state import COMPLETED, FAILED, INTERRUPTED, JobState, Suspects
+from pipeline.state import COMPLETED, FAILED, INTERRUPTED, OVER_BUDGET, JobState, Suspects
 from pipeline.stats import RunStats, Snapshot
-from pipeline.templating import RequestTemplate
+from pipeline.summary import run_summary, write_summary
+from pipeline.templating import RequestTemplate, encode_body
+from pipeline.tokens import heuristic_tokens
 
 RESULT_BATCH = 1024
+THINKING_MIN_TOKENS = 1024
+"""Below this ``max_tokens``, thinking mode often leaves no room for the answer."""
 UNREACHABLE_AFTER = 10
 """Connection failures, with no answer ever received, after which the job stops."""
 
@@ -78,6 +88,10 @@ class RunOptions:
     """Stop gracefully on SIGINT/SIGTERM (the CLI sets this; it needs the main thread)."""
     grace_s: float = 30.0
     """After a stop, how long to wait for requests in flight."""
+    select_rows: frozenset[int] | None = None
+    """Send only these input rows (a calibration sample); the others are left alone."""
+    write_output: bool = True
+    """Assemble the output Parquet at the end (a sample run does not)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +102,9 @@ class RunReport:
     final: Snapshot
     price_known: bool
     interrupted: bool = False
+    over_budget: bool = False
+    """The run stopped because the next request could have passed the budget's cap."""
+    budget: Budget | None = None
     output_rows: int = 0
     suspects: Suspects | None = None
     """Requests the previous run left in flight (possibly billed twice)."""
@@ -144,6 +161,15 @@ def check_columns(job: JobSpec, scan: InputScan, template: RequestTemplate) -> N
                 f"{column!r} would clash with the output column of the same name.",
                 "Rename that input column or do not keep it.",
             )
+    schema = job.output.schema
+    for column in schema.columns if schema is not None else ():
+        if column == "id" or column in RESULT_COLUMNS or column in job.output.keep_columns:
+            raise JobFileError(
+                job.source,
+                "[output] schema",
+                f"its property {column!r} would clash with the output column of the same name.",
+                "Rename the property, or do not keep that input column.",
+            )
 
 
 def _pipeline_error(group: BaseExceptionGroup[BaseException]) -> PipelineError | None:
@@ -188,16 +214,32 @@ class Runner:
         self._transport = transport
         self._rng = rng or random.Random()
         self._clock = clock
+        schema = job.output.schema
         self.template = RequestTemplate(
             model=job.request.model,
             system=job.request.system,
             prompt=job.request.prompt,
             messages_column=job.request.messages_column,
             params=job.request.params,
+            suffix=job.request.suffix,
+            completions=job.request.endpoint == "completions",
+            instruction=(
+                schema.instruction()
+                if schema is not None and job.output.schema_from_tool is None
+                else None
+            ),
         )
         self.url = f"{job.request.base_url}/{job.request.endpoint}"
         key_url = f"{job.request.key_base}/{job.request.endpoint}"
-        self.planner = Planner(template=self.template, url=key_url, id_column=job.input.id_column)
+        self.planner: Planner | BatchPlanner = Planner(
+            template=self.template, url=key_url, id_column=job.input.id_column
+        )
+        if job.input.format == "openai-batch":
+            self.planner = BatchPlanner(
+                url=key_url,
+                model=job.request.model if job.request.model_override else None,
+                params=job.request.params,
+            )
         self.price: Price | None = resolve_price(
             job.request.base_url, job.request.model, job.pricing
         )
@@ -216,6 +258,9 @@ class Runner:
             clock=clock,
             rng=self._rng,
         )
+        facts = model_facts(job.request.model)
+        self._max_output = job.request.max_tokens or (facts.max_output if facts else None)
+        self.budget: Budget | None = None
         self.state = JobState(job.output.state_path)
         self.journal = self.state.journal
         self.seals = SealBook(self.state.folder)
@@ -228,6 +273,7 @@ class Runner:
         self._unanswered = 0
         self._unanswered_worst: Decimal | None = Decimal(0)
         self._stopping = False
+        self._over_budget = False
         self._hard_stop = False
         self._producer_scope: CancelScope | None = None
         self._work_scope: CancelScope | None = None
@@ -236,6 +282,8 @@ class Runner:
 
     def prepare(self) -> InputScan:
         """Validate the job against its input; nothing is sent. Raises on any mistake."""
+        if self.job.input.format == "openai-batch":
+            return self._prepare_batch_file()
         files = resolve_input(self.job.input.path, self.job.source)
         scan = scan_input(
             files,
@@ -246,9 +294,30 @@ class Runner:
         check_columns(self.job, scan, self.template)
         return scan
 
+    def _prepare_batch_file(self) -> InputScan:
+        files = resolve_input(self.job.input.path, self.job.source)
+        if len(files) != 1:
+            raise JobFileError(
+                self.job.source, "[input] path", "an OpenAI batch input is one .jsonl file."
+            )
+        found = scan_batch_file(files[0].path, limit=self.job.input.limit)
+        if found.endpoint != self.job.request.endpoint:
+            raise JobFileError(
+                self.job.source,
+                "[request] endpoint",
+                f"is {self.job.request.endpoint!r}, but {files[0].path} holds requests for "
+                f"{found.endpoint!r}.",
+                f'Set endpoint = "{found.endpoint}".',
+            )
+        return InputScan(files=files, rows=found.rows, columns=frozenset(BATCH_COLUMNS))
+
     def _input_batches(
         self, scan: InputScan, extra: tuple[str, ...] = ()
     ) -> Iterator[pa.RecordBatch]:
+        if self.job.input.format == "openai-batch":
+            return iter_batch_records(
+                scan.files[0].path, limit=self.job.input.limit, batch_rows=self.options.batch_rows
+            )
         columns = [*self.planner.columns, *extra]
         return iter_batches(
             scan.files, columns, limit=self.job.input.limit, batch_rows=self.options.batch_rows
@@ -266,13 +335,18 @@ class Runner:
             suspects = None if self.options.fresh else self.state.suspects()
             if suspects is not None:
                 self.reporter.notice(describe_suspects(suspects))
-            self._run_id = self.state.begin_run(suspects)
+            self._run_id = self.state.begin_run(suspects, fresh=self.options.fresh)
+            self.budget = self._budget()
             how = FAILED
             summary: dict[str, Any] = {}
             try:
                 report = await self._run(scan, suspects)
-                how = INTERRUPTED if report.interrupted else COMPLETED
-                summary = _summary(report)
+                how = COMPLETED
+                if report.interrupted:
+                    how = INTERRUPTED
+                elif report.over_budget:
+                    how = OVER_BUDGET
+                summary = run_summary(report)
             finally:
                 worst = self._unanswered_worst
                 summary["unanswered"] = self._unanswered
@@ -280,11 +354,52 @@ class Runner:
                 self.state.end_run(self._run_id, how, summary)
         finally:
             self.state.release()
+        if self.options.write_output:
+            write_summary(self.job, report, summary)
         self.reporter.finish(report)
         return report
 
+    def _budget(self) -> Budget | None:
+        """The job's spending cap, less what its earlier runs spent."""
+        cap = self.job.budget.max_cost_usd
+        if cap is None:
+            return None
+        key = "[budget] max_cost_usd"
+        if self.price is None:
+            raise JobFileError(
+                self.job.source,
+                key,
+                f"needs a price, and {self.job.request.model} at {self.job.request.base_url} "
+                "has none built in.",
+                "Add [pricing] input and output (USD per million tokens).",
+            )
+        spent = self.state.spent_usd(before=self._run_id)
+        if spent is None:
+            raise StateError(
+                f"the spend of earlier runs in {self.state.folder} is unknown (they ran "
+                "without a price), so the budget cannot be enforced; run with --fresh."
+            )
+        return Budget(cap=cap, spent=spent)
+
+    def warnings(self) -> list[str]:
+        """What a person should know before the run spends anything."""
+        found: list[str] = []
+        request = self.job.request
+        if request.thinking and (request.max_tokens or 0) < THINKING_MIN_TOKENS:
+            found.append(
+                f"thinking is on and max_tokens is {request.max_tokens or 'unset'}: reasoning "
+                f"tokens come out of max_tokens, so answers below ~{THINKING_MIN_TOKENS:,} "
+                'tokens are often cut off (finish_reason "length"; JSON arrives broken). '
+                "Such rows are marked failed as truncated. Raise max_tokens or set "
+                'thinking = "disabled".'
+            )
+        return found
+
     async def _run(self, scan: InputScan, suspects: Suspects | None) -> RunReport:
-        stats = RunStats(total_rows=scan.rows, clock=self._clock, limiter=self.limiter)
+        total = scan.rows
+        if self.options.select_rows is not None:
+            total = sum(1 for row in self.options.select_rows if 0 <= row < scan.rows)
+        stats = RunStats(total_rows=total, clock=self._clock, limiter=self.limiter)
         self.reporter.start(self.job, scan)
         size = self.job.limits.max_in_flight
         work_send, work_recv = anyio.create_memory_object_stream[PlannedRow](size)
@@ -328,7 +443,7 @@ class Runner:
         if self._fatal is not None:
             raise self._fatal
         output_rows = 0
-        if not self._hard_stop:
+        if not self._hard_stop and self.options.write_output:
             output_rows = await anyio.to_thread.run_sync(self._assemble, scan, self._stopping)
         return RunReport(
             job=self.job.name,
@@ -336,7 +451,9 @@ class Runner:
             output=Path(self.job.output.path),
             final=stats.snapshot(),
             price_known=self.price is not None,
-            interrupted=self._stopping,
+            interrupted=self._stopping and not self._over_budget,
+            over_budget=self._over_budget,
+            budget=self.budget,
             output_rows=output_rows,
             suspects=suspects,
             state_dir=self.state.folder,
@@ -424,12 +541,19 @@ class Runner:
             run=self._run_id,
         )
 
-    def _worst_cost(self, planned: PlannedRow) -> Decimal | None:
-        max_tokens = self.job.request.max_tokens
-        if planned.prompt_tokens is None or max_tokens is None:
+    def _worst_cost(self, prompt_tokens: int | None) -> Decimal | None:
+        """What one request can cost at most: its prompt and ``max_tokens`` of output."""
+        max_tokens = self._max_output
+        if prompt_tokens is None or max_tokens is None:
             return None
-        usage = Usage(prompt_tokens=planned.prompt_tokens, completion_tokens=max_tokens)
-        return cost(usage, self.price)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
+        return cost(usage, self._price_now())
+
+    def _price_now(self) -> Price | None:
+        """The price in effect for a request sent now (prices may have time windows)."""
+        if self.price is None or self.price.off_peak is None:
+            return self.price
+        return price_at(self.price, datetime.now(UTC))
 
     async def _work(
         self,
@@ -451,9 +575,9 @@ class Runner:
                 if result.attempts:
                     self._count_unanswered(intent.worst_cost_usd, -1)
 
-    def _estimate(self, planned: PlannedRow) -> int:
+    def _estimate(self, row: _RowProgress) -> int:
         """Tokens a request reserves from a tokens/min budget: its prompt and ``max_tokens``."""
-        return (planned.prompt_tokens or 0) + (self.job.request.max_tokens or 0)
+        return row.prompt_tokens + (self.job.request.max_tokens or 0)
 
     def _metered(self, estimate: int, attempt: Attempt) -> int | None:
         """What an answered attempt counts against a tokens/min budget.
@@ -482,38 +606,23 @@ class Runner:
     ) -> RowResult | None:
         """Send one row until it succeeds or fails for good; None if the job stops first."""
         assert planned.body is not None
-        usage = ZERO_USAGE
+        row = _RowProgress(body=planned.body, prompt_tokens=planned.prompt_tokens or 0)
         started = self._clock()
-        attempts = 0
-        estimate = self._estimate(planned)
         while True:
             try:
                 attempt = await self._attempt(
-                    client,
-                    stats,
-                    intents,
-                    planned,
-                    estimate=estimate,
-                    intent=intent if attempts == 0 else None,
+                    client, stats, intents, row, intent=intent if row.attempts == 0 else None
                 )
             except NeverFitsError as exc:
-                return RowResult(
-                    key=planned.key,
-                    row=planned.row,
-                    status="failed",
-                    usage=usage,
-                    cost_usd=cost(usage, self.price),
-                    attempts=attempts,
-                    error=f"not sent: {exc.reason}",
-                    run=self._run_id,
-                )
-            attempts += 1
-            if attempt.usage is not None:
-                usage = usage + attempt.usage
+                return self._finish(planned, row, None, error=f"not sent: {exc.reason}")
+            except _OverBudget:
+                return None
+            row.attempts += 1
             if attempt.ok:
-                return self._result(
-                    planned=planned, attempt=attempt, usage=usage, attempts=attempts, error=None
-                )
+                result = self._judge(planned, row, attempt, stats)
+                if result is not None:
+                    return result
+                continue  # asked again: the answer failed the output schema
             assert attempt.failure is not None
             if attempt.failure is retry.Failure.RATE_LIMITED:
                 stats.rate_limited += 1
@@ -522,7 +631,7 @@ class Runner:
                 return None
             decision = retry.decide(
                 attempt.failure,
-                attempt=attempts,
+                attempt=row.attempts,
                 elapsed_s=self._clock() - started,
                 retry_after_s=attempt.retry_after_s,
                 policy=self.policy,
@@ -533,32 +642,81 @@ class Runner:
                 self._stop_for_auth(decision.reason)
                 return None
             if isinstance(decision, retry.GiveUp):
-                return self._result(
-                    planned=planned,
-                    attempt=attempt,
-                    usage=usage,
-                    attempts=attempts,
-                    error=decision.reason,
-                )
+                return self._finish(planned, row, attempt, error=decision.reason)
             stats.retries += 1
             await anyio.sleep(decision.after_s)
             if self._stopping:
                 return None
+
+    def _judge(
+        self, planned: PlannedRow, row: _RowProgress, attempt: Attempt, stats: RunStats
+    ) -> RowResult | None:
+        """The row's result from an answer; None after preparing a re-ask of a bad answer."""
+        reply = attempt.reply
+        assert reply is not None
+        if reply.finish_reason == "length":
+            limit = self.job.request.max_tokens
+            budget = f"max_tokens ({limit:,})" if limit else "the model's output limit"
+            why = (
+                " with thinking on, reasoning spends it first" if self.job.request.thinking else ""
+            )
+            return self._finish(
+                planned,
+                row,
+                attempt,
+                error=f"truncated: the answer reached {budget}{why}; raise max_tokens and run "
+                "again with --retry-failed",
+            )
+        schema = self.job.output.schema
+        if schema is None:
+            return self._finish(planned, row, attempt, error=None)
+        call = self._schema_call(reply)
+        if self.job.output.schema_from_tool is not None and call is None:
+            checked: Mapping[str, Any] | Invalid = Invalid(
+                f"the answer did not call {self.job.output.schema_from_tool}()"
+            )
+        else:
+            checked = schema.check(call.arguments if call is not None else reply.content or "")
+        if not isinstance(checked, Invalid):
+            return self._finish(planned, row, attempt, error=None, structured=checked)
+        if row.reasks >= self.job.output.max_reasks:
+            tries = f"after {row.reasks} re-ask(s)" if row.reasks else "(re-asks are off)"
+            return self._finish(
+                planned, row, attempt, error=f"invalid answer {tries}: {checked.reason}"
+            )
+        row.reasks += 1
+        stats.reasks += 1
+        row.body, added = reask_body(row.body, reply, call, schema.reask(checked.reason))
+        row.prompt_tokens += heuristic_tokens(added) + reply_tokens(attempt)
+        return None
+
+    def _schema_call(self, reply: Reply) -> ToolCall | None:
+        """The tool call whose arguments are the structured answer, if the job uses one."""
+        name = self.job.output.schema_from_tool
+        if name is None:
+            return None
+        return next((call for call in reply.tool_calls if call.name == name), None)
 
     async def _attempt(
         self,
         client: ChatClient,
         stats: RunStats,
         intents: IntentLog,
-        planned: PlannedRow,
+        row: _RowProgress,
         *,
-        estimate: int,
         intent: Intent | None,
     ) -> Attempt:
-        """One attempt: wait for the limiter, record ``intent`` (given on the first attempt
-        only), send, release."""
-        assert planned.body is not None
-        grant = await self.limiter.acquire(estimate)
+        """One attempt: reserve its worst case from the budget, wait for the limiter, record
+        ``intent`` (given on the first attempt only), send, release, and account its cost."""
+        estimate = self._estimate(row)
+        worst = self._reserve(row)
+        price = self._price_now()
+        spent: Decimal | None = None
+        try:
+            grant = await self.limiter.acquire(estimate)
+        except BaseException:
+            self._settle(worst, Decimal(0))
+            raise
         outcome: Outcome = "error"
         metered: int | None = None
         headers = None
@@ -570,11 +728,15 @@ class Runner:
             stats.requests += 1
             stats.in_flight += 1
             try:
-                attempt = await client.send(planned.body)
+                attempt = await client.send(row.body)
             finally:
                 stats.in_flight -= 1
             if attempt.status is not None:
                 self._answered = True
+                spent = Decimal(0)
+            if attempt.usage is not None:
+                spent = row.bill(attempt.usage, price)
+                stats.add_billed(attempt.usage, price)
             if attempt.ok:
                 outcome = "ok"
             elif attempt.failure is retry.Failure.RATE_LIMITED:
@@ -585,6 +747,7 @@ class Runner:
             retry_after = attempt.retry_after_s
             return attempt
         finally:
+            self._settle(worst, spent)
             self.limiter.release(
                 grant,
                 outcome=outcome,
@@ -592,6 +755,20 @@ class Runner:
                 headers=headers,
                 retry_after_s=retry_after,
             )
+
+    def _reserve(self, row: _RowProgress) -> Decimal:
+        """Reserve an attempt's worst-case cost from the budget; raise if it does not fit."""
+        if self.budget is None:
+            return Decimal(0)
+        worst = self._worst_cost(row.prompt_tokens) or Decimal(0)
+        if not self.budget.reserve(worst):
+            self._stop_for_budget()
+            raise _OverBudget
+        return worst
+
+    def _settle(self, worst: Decimal, spent: Decimal | None) -> None:
+        if self.budget is not None:
+            self.budget.settle(worst, spent)
 
     def _count_unanswered(self, worst: Decimal | None, sign: int) -> None:
         """Requests recorded as sent whose result is not recorded (yet)."""
@@ -602,23 +779,21 @@ class Runner:
             self._unanswered_worst += sign * worst
 
     def _intent(self, planned: PlannedRow) -> Intent:
-        return Intent(
-            key=planned.key,
-            row=planned.row,
-            run=self._run_id,
-            worst_cost_usd=self._worst_cost(planned),
-        )
+        worst = self._worst_cost(planned.prompt_tokens)
+        if worst is not None:
+            worst *= 1 + self.job.output.max_reasks if self.job.output.schema else 1
+        return Intent(key=planned.key, row=planned.row, run=self._run_id, worst_cost_usd=worst)
 
-    def _result(
+    def _finish(
         self,
-        *,
         planned: PlannedRow,
-        attempt: Attempt,
-        usage: Usage,
-        attempts: int,
+        row: _RowProgress,
+        attempt: Attempt | None,
+        *,
         error: str | None,
+        structured: Mapping[str, Any] | None = None,
     ) -> RowResult:
-        reply = attempt.reply
+        reply = attempt.reply if attempt is not None else None
         return RowResult(
             key=planned.key,
             row=planned.row,
@@ -626,11 +801,15 @@ class Runner:
             response=reply.content if reply else None,
             reasoning=reply.reasoning if reply else None,
             finish_reason=reply.finish_reason if reply else None,
-            usage=usage,
-            cost_usd=cost(usage, self.price),
-            attempts=attempts,
-            latency_ms=round(attempt.latency_s * 1000),
+            usage=row.usage,
+            cost_usd=row.cost if self.price is not None else None,
+            attempts=row.attempts,
+            latency_ms=None if attempt is None else round(attempt.latency_s * 1000),
             error=error,
+            response_id=reply.response_id if reply else None,
+            tool_calls=reply.tool_calls if reply else (),
+            structured=structured,
+            reasks=row.reasks,
             model=(reply.model if reply else None) or self.job.request.model,
             run=self._run_id,
         )
@@ -652,6 +831,12 @@ class Runner:
         if self._work_scope is not None:
             self._work_scope.cancel()
         return True
+
+    def _stop_for_budget(self) -> None:
+        """The next request would take the spend past the cap: send nothing new."""
+        if not self._over_budget:
+            self._over_budget = True
+            self.stop()
 
     def _stop_for_auth(self, reason: str) -> None:
         if self._fatal is None:
@@ -749,7 +934,7 @@ class Runner:
         """
         keep = self.job.output.keep_columns
         id_column = self.job.input.id_column
-        with OutputWriter(Path(self.job.output.path)) as writer:
+        with OutputWriter(Path(self.job.output.path), self.job.output.schema) as writer:
             for batch, start, matched in self.match_results(scan, keep):
                 positions = [i for i, found in enumerate(matched) if found is not None]
                 if len(positions) < len(matched) and not partial:
@@ -772,6 +957,63 @@ class Runner:
                 ordered = [found for found in matched if found is not None]
                 writer.write(ids, kept, ordered)
             return writer.rows
+
+
+class _OverBudget(Exception):
+    """The budget cannot cover the next request: the run stops sending."""
+
+
+@dataclass(slots=True)
+class _RowProgress:
+    """One row on its way: what it sends now, and what its attempts have cost so far."""
+
+    body: bytes
+    prompt_tokens: int
+    attempts: int = 0
+    reasks: int = 0
+    usage: Usage = ZERO_USAGE
+    cost: Decimal = Decimal(0)
+
+    def bill(self, usage: Usage, price: Price | None) -> Decimal | None:
+        """Count one billed answer; returns its cost (None when the price is unknown)."""
+        self.usage = self.usage + usage
+        paid = cost(usage, price)
+        if paid is not None:
+            self.cost += paid
+        return paid
+
+
+def reply_tokens(attempt: Attempt) -> int:
+    """Output tokens of an answer, which a re-ask sends back as part of its prompt."""
+    return 0 if attempt.usage is None else attempt.usage.completion_tokens
+
+
+def reask_body(body: bytes, reply: Reply, call: ToolCall | None, message: str) -> tuple[bytes, str]:
+    """The body that asks again: the conversation so far, the bad answer, and what was wrong
+    with it (as a tool result when the answer was a tool call). Returns the body and the text
+    it added."""
+    request = json.loads(body)
+    messages = list(request["messages"])
+    if call is not None:
+        messages.append(
+            {
+                "role": "assistant",
+                "content": reply.content or "",
+                "tool_calls": [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                ],
+            }
+        )
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": message})
+    else:
+        messages.append({"role": "assistant", "content": reply.content or ""})
+        messages.append({"role": "user", "content": message})
+    request["messages"] = messages
+    return encode_body(request), message
 
 
 @dataclass(slots=True)
@@ -812,6 +1054,9 @@ class _ResumeCursor:
             self._seals = runner.seals.read()
         start, rows = self._start, batch.num_rows
         self._start += rows
+        select = runner.options.select_rows
+        if select is not None:
+            return self._selected(batch, start, select)
         digest = batch_digest(self._fingerprint, batch)
         seal = self._seals.get(start)
         if (
@@ -821,19 +1066,7 @@ class _ResumeCursor:
             and not (seal.failed and runner.options.retry_failed)
         ):
             return [], seal.ok, seal.failed, None
-        pending: list[PlannedRow] = []
-        resumed_ok = resumed_failed = 0
-        for planned in runner.planner.plan(batch, start):
-            if bucket_of(planned.row) != self._bucket:
-                self._bucket = bucket_of(planned.row)
-                self._earlier = runner.journal.bucket_status(self._bucket)
-            status = self._earlier.get(planned.key)
-            if status == "ok":
-                resumed_ok += 1
-            elif status is not None and not runner.options.retry_failed:
-                resumed_failed += 1
-            else:
-                pending.append(planned)
+        pending, resumed_ok, resumed_failed = self._split(runner.planner.plan(batch, start))
         if not pending:
             # Every row already has a durable result: seal it for the next resume.
             done = Seal(start=start, rows=rows, digest=digest, ok=resumed_ok, failed=resumed_failed)
@@ -849,19 +1082,35 @@ class _ResumeCursor:
         )
         return with_prompt_tokens(pending), resumed_ok, resumed_failed, track
 
+    def _selected(
+        self, batch: pa.RecordBatch, start: int, select: frozenset[int]
+    ) -> tuple[list[PlannedRow], int, int, _Track | None]:
+        """Only the selected rows of a batch; never sealed, since the others stay unsent."""
+        if not any(row in select for row in range(start, start + batch.num_rows)):
+            return [], 0, 0, None
+        planned = self._runner.planner.plan(batch, start)
+        pending, resumed_ok, resumed_failed = self._split(p for p in planned if p.row in select)
+        return with_prompt_tokens(pending), resumed_ok, resumed_failed, None
 
-def _summary(report: RunReport) -> dict[str, Any]:
-    s = report.final
-    return {
-        "rows_ok": s.ok,
-        "rows_failed": s.failed,
-        "rows_resumed": s.resumed_rows,
-        "requests": s.requests,
-        "prompt_tokens": s.usage.prompt_tokens,
-        "completion_tokens": s.usage.completion_tokens,
-        "cached_tokens": s.usage.cached_tokens,
-        "reasoning_tokens": s.usage.reasoning_tokens,
-        "cost_usd": None if s.cost_usd is None else str(s.cost_usd),
-        "output_rows": report.output_rows,
-        "wall_s": round(s.elapsed_s, 3),
-    }
+    def _split(self, planned: Iterable[PlannedRow]) -> tuple[list[PlannedRow], int, int]:
+        """The rows to send, and how many an earlier run finished ok / failed."""
+        runner = self._runner
+        pending: list[PlannedRow] = []
+        resumed_ok = resumed_failed = 0
+        for row in planned:
+            if bucket_of(row.row) != self._bucket:
+                self._bucket = bucket_of(row.row)
+                self._earlier = runner.journal.bucket_status(self._bucket)
+            status = self._earlier.get(row.key)
+            if status == "ok":
+                resumed_ok += 1
+            elif status is not None and not runner.options.retry_failed:
+                resumed_failed += 1
+            else:
+                pending.append(row)
+        if runner.job.request.order == "prefix":
+            # Bodies are canonical JSON whose messages come in order, so sorting them puts
+            # rows that share a system prompt and prompt prefix next to each other: the
+            # provider's prefix cache then serves the shared part (bounded by one batch).
+            pending.sort(key=lambda planned: planned.body or b"")
+        return pending, resumed_ok, resumed_failed

@@ -12,8 +12,20 @@ Endpoints
     ``max_completion_tokens`` (default 256), ``thinking`` (``{"type": "enabled"|"disabled"}``;
     on by default for DeepSeek models, off for others unless asked for), ``reasoning_effort``
     (``"max"`` doubles the reasoning drawn), ``response_format`` (``{"type": "json_object"}``
-    answers with a JSON object) and ``stream`` (``true`` is refused with 400); anything else is
-    ignored. Invalid bodies get 400 with an OpenAI-style ``{"error": {...}}`` body.
+    answers with a JSON object, an instance of the JSON Schema fenced in the prompt if there
+    is one, and needs the word "json" in the messages, as at OpenAI; ``{"type": "json_schema",
+    "json_schema": {"schema": ...}}`` gives the schema directly), ``tools`` and ``tool_choice``
+    (OpenAI's function tools: unless ``tool_choice`` is ``"none"``, the answer calls the named
+    function, or the first one for ``"auto"``/``"required"``, with ``content: null``, one
+    ``tool_calls`` entry and ``finish_reason: "tool_calls"``) and ``stream`` (``true`` is
+    refused with 400); anything else is ignored. Invalid bodies, malformed ``tools`` entries
+    and a ``tool_choice`` naming an unknown function get 400 with an OpenAI-style
+    ``{"error": {...}}`` body.
+``POST /beta/completions`` (also ``/v1/beta/completions``, ``/v1/completions``, ``/completions``)
+    FIM completion, as DeepSeek's beta endpoint: ``model`` and ``prompt`` (a string) required,
+    ``suffix`` optional, ``max_tokens`` as above, ``stream`` refused; never in thinking mode.
+    Answers a ``text_completion`` object whose choice has ``text``; usage as for chat. Auth,
+    limits, faults, latency, the prompt cache and ``/_stats`` are shared with chat.
 ``GET /v1/models`` (also ``/models``)
     A few model ids: ``deepseek/deepseek-v4-flash``, ``deepseek-v4-flash``, ``gpt-4o-mini``.
 ``GET /_stats``, ``POST /_stats/reset``
@@ -31,14 +43,19 @@ With ``api_key`` set, the API endpoints require ``Authorization: Bearer <key>`` 
 
 Replies
 -------
-A reply is deterministic: its random source is seeded from the model, the messages and
-``seed``, so the same request always gets the same text. Its length follows the budget: a
-target is drawn uniformly in ``[reply_min_fraction * max_tokens, 1.2 * max_tokens]``; past the
-budget the reply is cut and ``finish_reason`` is ``"length"``, else ``"stop"``. The text is
+A reply is deterministic: its random source is seeded from the model, the messages (or FIM
+prompt and suffix) and ``seed``, so the same request always gets the same text; the answers
+themselves are made by :mod:`pipeline.simulate`. Its length follows the budget: a
+target is drawn uniformly in ``[reply_min_fraction * max_tokens, max_tokens]``, except that
+``truncate_rate`` of the replies run past the budget: those are cut and their
+``finish_reason`` is ``"length"``, else it is ``"stop"``. The text is
 sentences of English words and punctuation marks that are each exactly one DeepSeek V4 token
 and that the tokenizer never merges, so a reply's token count is its number of pieces (checked
 against the real tokenizer at start-up and in the tests; tokenizing every reply would cost
-about 0.4 ms per 256 tokens). JSON answers are tokenized for real. In thinking mode a
+about 0.4 ms per 256 tokens). JSON answers and tool call arguments are tokenized for real
+and cut to the budget too; ``invalid_json_rate`` of the answers that follow a schema (and of
+tool call arguments) break it on purpose, the way models do (:mod:`pipeline.simulate` tells
+how). In thinking mode a
 ``reasoning_content`` of ``reasoning_min_tokens..reasoning_max_tokens`` tokens comes first
 and shares the budget (the answer's target is drawn from what is left): when the reasoning
 uses the budget up, ``content`` is ``""`` and the reply is cut.
@@ -69,7 +86,7 @@ Profiles
 
 Order of checks and latency
 ---------------------------
-A chat request is checked in this order, and the first check that fails answers at once:
+A chat or FIM request is checked in this order, and the first check that fails answers at once:
 API key (401), the in-flight cap (429), the body (400), ``reject_substring`` and ``fault_400``
 (400), the ``rpm``/``tpm`` buckets (429). A request that passes waits ``latency_ms`` plus a
 uniform draw of up to ``latency_jitter_ms`` and is then answered, or fails with the random
@@ -112,6 +129,7 @@ option                     default       meaning
 ``api_key``                (empty)       required bearer key; also ``$PIPELINE_SERVER_API_KEY``
 ``seed``                   0             seed of the replies and of the fault draws
 ``reply_min_fraction``     0.3           shortest reply drawn, as a fraction of ``max_tokens``
+``truncate_rate``          0             text replies that run past ``max_tokens`` (cut)
 ``reasoning_min_tokens``   32            fewest reasoning tokens drawn in thinking mode
 ``reasoning_max_tokens``   256           most reasoning tokens drawn (doubled for ``max``)
 ``keepalive_after_ms``     100           deepseek: stream keep-alive lines when slower
@@ -126,6 +144,7 @@ option                     default       meaning
 ``fault_400``              0             fraction of distinct bodies that always get 400
 ``reject_substring``       (empty)       400 for every request whose messages contain it
 ``prefix_cache_entries``   100000        prompt-prefix fingerprints the cache remembers
+``invalid_json_rate``      0.05          fraction of schema answers that break the schema
 =========================  ============  =======================================================
 
 Pass ``api_key`` through the environment variable rather than the flag: command lines are
@@ -152,12 +171,13 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
@@ -167,7 +187,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline import tokens
+from pipeline import simulate, tokens
+from pipeline.simulate import Reply, Tool, fim_reply, make_reply, vocabulary
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
@@ -176,6 +197,7 @@ PROFILES: Final = ("deepseek", "openai")
 API_KEY_ENV: Final = "PIPELINE_SERVER_API_KEY"
 MODEL_IDS: Final = ("deepseek/deepseek-v4-flash", "deepseek-v4-flash", "gpt-4o-mini")
 DEFAULT_MAX_TOKENS: Final = 256
+FIM_PATHS: Final = ("/v1/completions", "/completions", "/beta/completions", "/v1/beta/completions")
 CACHE_BLOCK_TOKENS: Final = 64
 WINDOW_S: Final = 60.0
 
@@ -209,6 +231,10 @@ class ServerOptions:
     seed: int = field(default=0, metadata=_help("Seed of the replies and the fault draws."))
     reply_min_fraction: float = field(
         default=0.3, metadata=_help("Shortest reply drawn, as a fraction of max_tokens.")
+    )
+    truncate_rate: float = field(
+        default=0.0,
+        metadata=_help("Fraction of text replies that run past max_tokens and are cut."),
     )
     reasoning_min_tokens: int = field(
         default=32, metadata=_help("Fewest reasoning tokens drawn in thinking mode.")
@@ -250,11 +276,21 @@ class ServerOptions:
     prefix_cache_entries: int = field(
         default=100_000, metadata=_help("Prompt-prefix fingerprints the cache remembers.")
     )
+    invalid_json_rate: float = field(
+        default=0.05,
+        metadata=_help("Fraction of schema answers and tool call arguments that break the schema."),
+    )
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
-        for name in (*RANDOM_FAULTS, "fault_400", "reply_min_fraction"):
+        for name in (
+            *RANDOM_FAULTS,
+            "fault_400",
+            "reply_min_fraction",
+            "invalid_json_rate",
+            "truncate_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
@@ -347,7 +383,11 @@ class InvalidRequest(Exception):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChatRequest:
-    """The parts of a chat-completions body the server acts on."""
+    """The parts of a chat-completions body the server acts on.
+
+    ``schema`` is the JSON Schema the answer should follow (JSON mode only) and ``tool`` the
+    function the answer calls, when the body has ``tools`` and ``tool_choice`` is not "none".
+    """
 
     body: Mapping[str, Any]
     model: str
@@ -356,10 +396,26 @@ class ChatRequest:
     thinking: bool
     reasoning_effort: str
     json_mode: bool
+    schema: Mapping[str, Any] | None = None
+    tool: Tool | None = None
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
-    """Validate a request body; raises :class:`InvalidRequest` with OpenAI's wording."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompletionRequest:
+    """The parts of a (FIM) completions body the server acts on; never in thinking mode."""
+
+    body: Mapping[str, Any]
+    model: str
+    prompt: str
+    suffix: str | None
+    max_tokens: int
+
+
+AnyRequest = ChatRequest | CompletionRequest
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or the 400 OpenAI gives for anything else."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -369,20 +425,18 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         ) from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def _checked_model(body: Mapping[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("Missing required parameter: 'model'.", "model")
-    messages = body.get("messages")
-    if messages is None:
-        raise InvalidRequest("Missing required parameter: 'messages'.", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("Invalid 'messages': expected a non-empty array.", "messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(
-                f"Invalid 'messages[{index}]': expected an object with a 'role'.",
-                f"messages[{index}]",
-            )
+    return model
+
+
+def _checked_max_tokens(body: Mapping[str, Any]) -> int:
+    """``max_tokens`` (or ``max_completion_tokens``); streaming is refused here too."""
     if body.get("stream") is True:
         raise InvalidRequest("streaming is not supported by the built-in server", "stream")
     max_tokens = DEFAULT_MAX_TOKENS
@@ -395,11 +449,31 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
                 f"Invalid '{name}': expected an integer of at least 1, got {value!r}.", name
             )
         max_tokens = value
-    response_format = body.get("response_format")
-    json_mode = isinstance(response_format, dict) and response_format.get("type") in (
-        "json_object",
-        "json_schema",
-    )
+    return max_tokens
+
+
+def _checked_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("Invalid 'messages': expected a non-empty array.", "messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"Invalid 'messages[{index}]': expected an object with a 'role'.",
+                f"messages[{index}]",
+            )
+    return messages
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Validate a request body; raises :class:`InvalidRequest` with OpenAI's wording."""
+    body = _json_object(raw)
+    model = _checked_model(body)
+    messages = _checked_messages(body)
+    max_tokens = _checked_max_tokens(body)
+    json_mode, schema = _response_format(body.get("response_format"), messages)
     explicit = "thinking" in body or "reasoning_effort" in body
     thinking = tokens.thinking_enabled(body) and (explicit or tokens.is_deepseek_model(model))
     return ChatRequest(
@@ -410,6 +484,138 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         thinking=thinking,
         reasoning_effort=str(body.get("reasoning_effort") or "high"),
         json_mode=json_mode,
+        schema=schema,
+        tool=_chosen_tool(body.get("tools"), body.get("tool_choice")),
+    )
+
+
+JSON_WORD_MESSAGE: Final = (
+    "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+    "'json_object'."
+)
+
+
+def _response_format(
+    response_format: Any, messages: Sequence[Mapping[str, Any]]
+) -> tuple[bool, Mapping[str, Any] | None]:
+    """``(json_mode, schema)`` of a body's ``response_format``.
+
+    ``json_object`` (DeepSeek's only kind) takes its schema from the prompt and, as OpenAI
+    does, needs the word "json" somewhere in the messages; ``json_schema`` carries it.
+    """
+    if not isinstance(response_format, dict):
+        return False, None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        if not any("json" in text.lower() for text in message_texts(messages)):
+            raise InvalidRequest(JSON_WORD_MESSAGE, "messages")
+        return True, simulate.schema_in_messages(messages)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequest(
+                "Missing required parameter: 'response_format.json_schema'.",
+                "response_format.json_schema",
+            )
+        schema = spec.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise InvalidRequest(
+                "Invalid 'response_format.json_schema.schema': expected an object.",
+                "response_format.json_schema.schema",
+            )
+        return True, schema
+    return False, None
+
+
+_FUNCTION_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _checked_tools(tools: Any) -> list[Tool]:
+    """The functions of a body's ``tools``, or the 400 OpenAI gives for a malformed entry."""
+    if not isinstance(tools, list):
+        raise InvalidRequest("Invalid type for 'tools': expected an array.", "tools")
+    if not tools:
+        raise InvalidRequest(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an "
+            "empty array instead.",
+            "tools",
+        )
+    checked: list[Tool] = []
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"Invalid type for '{where}': expected an object.", where)
+        if tool.get("type") != "function":
+            raise InvalidRequest(
+                f"Invalid value: {tool.get('type')!r}. Supported values are: 'function'.",
+                f"{where}.type",
+            )
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise InvalidRequest(f"Missing required parameter: '{where}.function'.", where)
+        name = function.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise InvalidRequest(
+                f"Invalid '{where}.function.name': expected a string that matches the pattern "
+                "'^[a-zA-Z0-9_-]{1,64}$'.",
+                f"{where}.function.name",
+            )
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(
+                f"Invalid type for '{where}.function.parameters': expected an object.",
+                f"{where}.function.parameters",
+            )
+        checked.append(Tool(name=name, parameters=parameters))
+    return checked
+
+
+def _chosen_tool(tools: Any, choice: Any) -> Tool | None:
+    """The function the answer calls: the named one, else the first ("auto", "required")."""
+    if tools is None:
+        if choice is not None:
+            raise InvalidRequest(
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
+                "are specified.",
+                "tool_choice",
+            )
+        return None
+    functions = _checked_tools(tools)
+    if choice is None or choice in ("auto", "required"):
+        return functions[0]
+    if choice == "none":
+        return None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or name is None:
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}.',
+            "tool_choice",
+        )
+    for tool in functions:
+        if tool.name == name:
+            return tool
+    raise InvalidRequest(
+        f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.", "tool_choice"
+    )
+
+
+def parse_completion_request(raw: bytes) -> CompletionRequest:
+    """Validate a (FIM) completions body: ``model`` and a string ``prompt``; ``suffix`` too."""
+    body = _json_object(raw)
+    model = _checked_model(body)
+    max_tokens = _checked_max_tokens(body)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", "prompt")
+    if not isinstance(prompt, str):
+        raise InvalidRequest("Invalid type for 'prompt': expected a string.", "prompt")
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise InvalidRequest("Invalid type for 'suffix': expected a string.", "suffix")
+    return CompletionRequest(
+        body=body, model=model, prompt=prompt, suffix=suffix, max_tokens=max_tokens
     )
 
 
@@ -425,200 +631,50 @@ def message_texts(messages: Sequence[Mapping[str, Any]]) -> Generator[str, None,
                     yield str(part.get("text", ""))
 
 
-def rejection(request: ChatRequest, digest: bytes, options: ServerOptions) -> InvalidRequest | None:
+def request_texts(request: AnyRequest) -> Iterable[str]:
+    """The prompt text of a request, where ``reject_substring`` looks."""
+    if isinstance(request, ChatRequest):
+        return message_texts(request.messages)
+    return (request.prompt, request.suffix or "")
+
+
+def rejection(request: AnyRequest, digest: bytes, options: ServerOptions) -> InvalidRequest | None:
     """The 400 that ``reject_substring`` or ``fault_400`` gives this request, if any."""
     needle = options.reject_substring
-    if needle and any(needle in text for text in message_texts(request.messages)):
+    if needle and any(needle in text for text in request_texts(request)):
         return InvalidRequest("This request was rejected by the server's reject_substring.")
     if options.fault_400 and always_rejected(digest, options.fault_400):
         return InvalidRequest("Invalid request (fault_400): this body is always rejected.")
     return None
 
 
-def reply_seed(request: ChatRequest, seed: int) -> int:
-    """The seed of a request's reply: a hash of its model, messages and the server's seed."""
-    text = json.dumps(
-        [seed, request.model, request.messages], sort_keys=True, separators=(",", ":")
-    )
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+def reply_seed(request: AnyRequest, seed: int) -> int:
+    """The seed of a request's reply: a hash of its model, prompt and the server's seed.
 
-
-# ---------------------------------------------------------------------------------------------
-# Reply text (pure given a random source)
-
-_WORD_TEXT = (
-    "the of and to in is that for it as was with be by on not he this are or his from at "
-    "which but have an they you were her she there been one all we their has would when if so "
-    "no will can more other its what about up out them some into time only could new these two "
-    "may first then do any like my now over such our man me even most made after also did many "
-    "before must through back years where much your way well down should because each just "
-    "those people how too little state good very make world still own see men work long here "
-    "get both between life being under never day same another know while last might us great "
-    "old year off come since against go came right used take three"
-)
-_STARTER_TEXT = "the this it we in a there these some one many most each when if our"
-_WORDS = tuple(_WORD_TEXT.split())
-_STARTERS = tuple(_STARTER_TEXT.split())
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Vocabulary:
-    """Pieces that are each exactly one DeepSeek V4 token, however they are concatenated.
-
-    The tokenizer's pre-split puts a boundary before every space-led word and around every
-    punctuation run, so the token count of text made of these pieces is the number of pieces.
-    :func:`vocabulary` checks this against the real tokenizer when it is built.
+    The prompt is the messages of a chat request (a re-asked request, with more messages,
+    draws anew) or the prompt and suffix of a completion.
     """
-
-    words: tuple[str, ...]  # " word": inside a sentence
-    starters: tuple[str, ...]  # " Word": starts a sentence after another
-    openers: tuple[str, ...]  # "Word": starts the text
-    period: str = "."
-    comma: str = ","
-
-
-@functools.cache
-def vocabulary() -> Vocabulary:
-    """The reply vocabulary, verified with the DeepSeek V4 tokenizer (built once, lazily)."""
-    starters = [w.capitalize() for w in _STARTERS]
-    candidates = [
-        *(f" {w}" for w in _WORDS),
-        *(f" {w}" for w in starters),
-        *starters,
-        ".",
-        ",",
-    ]
-    single = {
-        text
-        for text, n in zip(candidates, tokens.count_text_tokens(candidates), strict=True)
-        if n == 1
-    }
-    words = tuple(f" {w}" for w in _WORDS if f" {w}" in single)
-    usable = [w for w in starters if w in single and f" {w}" in single]
-    vocab = Vocabulary(words=words, starters=tuple(f" {w}" for w in usable), openers=tuple(usable))
-    if not ({".", ","} <= single and len(words) >= 50 and vocab.openers):
-        raise RuntimeError("the DeepSeek tokenizer no longer splits the reply vocabulary")
-    probe = [vocab.openers[0], *vocab.words, ",", *vocab.starters, "."]
-    if tokens.count_text_tokens(["".join(probe)]) != [len(probe)]:
-        raise RuntimeError("the DeepSeek tokenizer merges reply words; reply counts would drift")
-    return vocab
-
-
-def reply_pieces(rng: random.Random, vocab: Vocabulary, count: int) -> list[str]:
-    """``count`` one-token pieces that read as sentences (a capital, words, a period)."""
-    pieces: list[str] = []
-    while len(pieces) < count:
-        left = count - len(pieces)
-        length = rng.randint(6, 16)
-        if left - length < 3:
-            length = left
-        pieces.append(rng.choice(vocab.starters if pieces else vocab.openers))
-        if length == 1:
-            break
-        inner = rng.choices(vocab.words, k=length - 2)
-        if length >= 9:
-            inner[rng.randint(2, length - 5)] = vocab.comma
-        pieces.extend(inner)
-        pieces.append(vocab.period)
-    return pieces
-
-
-_LABELS = ("positive", "negative", "neutral", "mixed")
-_TAGS = ("quality", "price", "delivery", "support", "design", "performance", "value")
-
-
-def json_answer(rng: random.Random) -> str:
-    """A small JSON object standing in for a structured answer."""
-    answer = {
-        "label": rng.choice(_LABELS),
-        "confidence": round(rng.uniform(0.5, 0.99), 2),
-        "tags": rng.sample(_TAGS, rng.randint(1, 3)),
-    }
-    return json.dumps(answer)
-
-
-@functools.lru_cache(maxsize=4096)
-def _token_ids(text: str) -> tuple[int, ...]:
-    tokenizer = tokens.deepseek_tokenizer()
-    return tuple(tokenizer.encode(text, add_special_tokens=False).ids)
-
-
-def _cut(text: str, budget: int) -> tuple[str, int, bool]:
-    """``text`` cut to at most ``budget`` tokens: (text, tokens, whether it was cut)."""
-    ids = _token_ids(text)
-    if len(ids) <= budget:
-        return text, len(ids), False
-    return tokens.deepseek_tokenizer().decode(list(ids[:budget])), budget, True
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Reply:
-    """A generated answer and its exact token counts."""
-
-    content: str
-    reasoning: str | None
-    content_tokens: int
-    reasoning_tokens: int
-    finish_reason: str
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.content_tokens + self.reasoning_tokens
-
-
-def make_reply(
-    request: ChatRequest, rng: random.Random, options: ServerOptions, vocab: Vocabulary
-) -> Reply:
-    """The reply to ``request``: reasoning first (thinking mode), then the answer, in budget."""
-    budget = request.max_tokens
-    reasoning: str | None = None
-    reasoning_tokens = 0
-    if request.thinking:
-        scale = 2 if request.reasoning_effort == "max" else 1
-        wanted = rng.randint(options.reasoning_min_tokens, options.reasoning_max_tokens) * scale
-        reasoning_tokens = min(wanted, budget)
-        reasoning = "".join(reply_pieces(rng, vocab, wanted)[:reasoning_tokens])
-        if wanted >= budget:
-            return Reply(
-                content="",
-                reasoning=reasoning,
-                content_tokens=0,
-                reasoning_tokens=reasoning_tokens,
-                finish_reason="length",
-            )
-        budget -= reasoning_tokens
-    if request.json_mode:
-        content, content_tokens, cut = _cut(json_answer(rng), budget)
+    if isinstance(request, ChatRequest):
+        prompt: Any = request.messages
     else:
-        low = options.reply_min_fraction * budget
-        target = max(1, round(rng.uniform(low, 1.2 * budget)))
-        content_tokens = min(target, budget)
-        content = "".join(reply_pieces(rng, vocab, target)[:content_tokens])
-        cut = target > budget
-    return Reply(
-        content=content,
-        reasoning=reasoning,
-        content_tokens=content_tokens,
-        reasoning_tokens=reasoning_tokens,
-        finish_reason="length" if cut else "stop",
-    )
+        prompt = {"prompt": request.prompt, "suffix": request.suffix}
+    text = json.dumps([seed, request.model, prompt], sort_keys=True, separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompt measurement and the prefix cache (pure)
 
 
-def prompt_token_ids(request: ChatRequest) -> tuple[int, list[int] | None]:
+def prompt_token_ids(request: AnyRequest) -> tuple[int, list[int] | None]:
     """``(prompt_tokens, token ids)``: ids only for DeepSeek models, which are counted exactly.
 
-    The layout is :func:`pipeline.tokens.deepseek_chat_layout`, so the count equals
-    :func:`pipeline.tokens.count_prompt_tokens`; other models get that function's estimate.
+    The layout is :func:`pipeline.tokens.deepseek_layout` (chat with tools, or FIM), so the
+    count equals :func:`pipeline.tokens.count_prompt_tokens`; other models get its estimate.
     """
     if not tokens.is_deepseek_model(request.model):
         return tokens.count_prompt_tokens([request.body])[0], None
-    text = tokens.deepseek_chat_layout(
-        request.messages, thinking=tokens.thinking_enabled(request.body)
-    )
+    text = tokens.deepseek_layout(request.body)
     ids = tokens.deepseek_tokenizer().encode(text, add_special_tokens=False).ids
     return len(ids), ids
 
@@ -863,20 +919,20 @@ HTML_502: Final = (
 )
 
 
-def completion_body(
-    *,
-    completion_id: str,
-    created: int,
-    request: ChatRequest,
-    reply: Reply,
-    prompt_tokens: int,
-    cache_hit: int,
-    profile: str,
-) -> dict[str, Any]:
-    """The chat-completion JSON object, with the usage fields of ``profile``."""
-    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
-    if reply.reasoning is not None:
-        message["reasoning_content"] = reply.reasoning
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BodyMeta:
+    """What a reply body carries besides the answer: its id, time, prompt usage, profile."""
+
+    completion_id: str
+    created: int
+    prompt_tokens: int
+    cache_hit: int
+    profile: str
+
+
+def usage_body(reply: Reply, meta: BodyMeta) -> dict[str, Any]:
+    """The ``usage`` object, with the fields of the profile (DeepSeek adds cache hit/miss)."""
+    prompt_tokens, cache_hit = meta.prompt_tokens, meta.cache_hit
     usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": reply.completion_tokens,
@@ -884,18 +940,49 @@ def completion_body(
         "prompt_tokens_details": {"cached_tokens": cache_hit},
         "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens},
     }
-    if profile == "deepseek":
+    if meta.profile == "deepseek":
         usage["prompt_cache_hit_tokens"] = cache_hit
         usage["prompt_cache_miss_tokens"] = prompt_tokens - cache_hit
+    return usage
+
+
+def completion_body(meta: BodyMeta, request: ChatRequest, reply: Reply) -> dict[str, Any]:
+    """The chat-completion JSON object: the message (text, reasoning, tool calls) and usage."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = [call.to_json() for call in reply.tool_calls]
     return {
-        "id": completion_id,
+        "id": meta.completion_id,
         "object": "chat.completion",
-        "created": created,
+        "created": meta.created,
         "model": request.model,
         "choices": [
             {"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason}
         ],
-        "usage": usage,
+        "usage": usage_body(reply, meta),
+        "system_fingerprint": "fp_pipeline_local",
+    }
+
+
+def text_completion_body(
+    meta: BodyMeta, request: CompletionRequest, reply: Reply
+) -> dict[str, Any]:
+    """The (FIM) text-completion JSON object: the text that fills the hole, and usage."""
+    choice = {
+        "index": 0,
+        "text": reply.content or "",
+        "logprobs": None,
+        "finish_reason": reply.finish_reason,
+    }
+    return {
+        "id": meta.completion_id,
+        "object": "text_completion",
+        "created": meta.created,
+        "model": request.model,
+        "choices": [choice],
+        "usage": usage_body(reply, meta),
         "system_fingerprint": "fp_pipeline_local",
     }
 
@@ -989,14 +1076,32 @@ async def _drop_connection(receive: Receive) -> None:
 class _Admitted:
     """A request that passed every check, with what its answer needs."""
 
-    request: ChatRequest
+    request: AnyRequest
     prompt_tokens: int
     cache_hit: int
     headers: Headers
 
 
-class _ChatCompletions:
-    """``POST /v1/chat/completions`` as a bare ASGI app (the hot path)."""
+Parser = Callable[[bytes], AnyRequest]
+
+
+class _Endpoint:
+    """One completions route as a bare ASGI app: the shared service with its body parser."""
+
+    def __init__(self, service: _Completions, parse: Parser) -> None:
+        self.service = service
+        self.parse = parse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.service.handle(scope, receive, send, self.parse)
+
+
+class _Completions:
+    """Chat and FIM completions (the hot path): one set of limits, faults, stats and cache.
+
+    Both kinds of request share the in-flight cap, the buckets, the fault draws, the prompt
+    cache and ``/_stats``, as they share an account at the provider.
+    """
 
     def __init__(self, options: ServerOptions, clock: Callable[[], float]) -> None:
         self.options = options
@@ -1018,7 +1123,8 @@ class _ChatCompletions:
                 return hmac.compare_digest(value, self.expected_auth)
         return False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, parse: Parser) -> None:
+        """Answer one request whose body ``parse`` validates."""
         stats = self.stats
         stats.requests_total += 1
         if not self.authorized(scope):
@@ -1038,13 +1144,15 @@ class _ChatCompletions:
             await _respond(send, 429, CONCURRENCY_BODY, headers=headers)
             return
         try:
-            outcome = await self._serve(body, digest, receive, send)
+            outcome = await self._serve(body, digest, parse, receive, send)
         finally:
             stats.leave()
         stats.outcomes[outcome] += 1
 
-    async def _serve(self, raw: bytes, digest: bytes, receive: Receive, send: Send) -> Outcome:
-        admitted = await self._check(raw, digest, send)
+    async def _serve(
+        self, raw: bytes, digest: bytes, parse: Parser, receive: Receive, send: Send
+    ) -> Outcome:
+        admitted = await self._check(raw, digest, parse, send)
         if isinstance(admitted, Outcome):
             return admitted
         options = self.options
@@ -1073,11 +1181,13 @@ class _ChatCompletions:
             await _respond(send, 200, body, headers=admitted.headers)
         return fault or Outcome.OK
 
-    async def _check(self, raw: bytes, digest: bytes, send: Send) -> _Admitted | Outcome:
+    async def _check(
+        self, raw: bytes, digest: bytes, parse: Parser, send: Send
+    ) -> _Admitted | Outcome:
         """Validate the body and take the rate limits; answers and returns the outcome if not."""
         options = self.options
         try:
-            request = parse_chat_request(raw)
+            request = parse(raw)
             refused = rejection(request, digest, options)
             if refused is not None:
                 raise refused
@@ -1104,17 +1214,22 @@ class _ChatCompletions:
         """The JSON reply to an admitted request (its usage counts towards ``/_stats``)."""
         request = admitted.request
         rng = random.Random(reply_seed(request, self.options.seed))
-        reply = make_reply(request, rng, self.options, self.vocab)
-        self.stats.record_usage(reply, admitted.prompt_tokens, admitted.cache_hit)
-        payload = completion_body(
-            completion_id=f"chatcmpl-{self.id_prefix}{next(self.ids):012d}",
+        kind = "chatcmpl" if isinstance(request, ChatRequest) else "cmpl"
+        meta = BodyMeta(
+            completion_id=f"{kind}-{self.id_prefix}{next(self.ids):012d}",
             created=int(time.time()),
-            request=request,
-            reply=reply,
             prompt_tokens=admitted.prompt_tokens,
             cache_hit=admitted.cache_hit,
             profile=self.options.profile,
         )
+        payload: dict[str, Any]
+        if isinstance(request, ChatRequest):
+            reply = make_reply(request, rng, self.options, self.vocab)
+            payload = completion_body(meta, request, reply)
+        else:
+            reply = fim_reply(request.max_tokens, rng, self.options, self.vocab)
+            payload = text_completion_body(meta, request, reply)
+        self.stats.record_usage(reply, admitted.prompt_tokens, admitted.cache_hit)
         return json.dumps(payload, separators=(",", ":")).encode()
 
     @staticmethod
@@ -1132,20 +1247,22 @@ def create_app(
 ) -> Starlette:
     """The server as an ASGI app (also usable in-process with ``httpx.ASGITransport``)."""
     options = options or ServerOptions()
-    chat = _ChatCompletions(options, clock)
+    service = _Completions(options, clock)
+    chat = _Endpoint(service, parse_chat_request)
+    fim = _Endpoint(service, parse_completion_request)
 
     async def models(request: Request) -> Response:
-        if not chat.authorized(request.scope):
+        if not service.authorized(request.scope):
             return Response(UNAUTHORIZED_BODY, 401, media_type="application/json")
         data = [{"id": name, "object": "model", "owned_by": "pipeline"} for name in MODEL_IDS]
         return JSONResponse({"object": "list", "data": data})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(chat.stats.snapshot())
+        return JSONResponse(service.stats.snapshot())
 
     async def reset_stats(request: Request) -> Response:
-        chat.stats.reset()
-        return JSONResponse(chat.stats.snapshot())
+        service.stats.reset()
+        return JSONResponse(service.stats.snapshot())
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -1156,6 +1273,7 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/chat/completions", chat, methods=["POST"]),
+        *(Route(path, fim, methods=["POST"]) for path in FIM_PATHS),
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
         Route("/_stats", stats, methods=["GET"]),

@@ -16,6 +16,12 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, StateError
 from pipeline.records import RowResult
+from pipeline.schema import OutputSchema
+
+TOOL_CALLS_TYPE = pa.list_(
+    pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+)
+"""Each call's function name and its arguments as the JSON text the model wrote."""
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -32,6 +38,9 @@ RESULT_SCHEMA = pa.schema(
         ("latency_ms", pa.int64()),
         ("error", pa.string()),
         ("model", pa.string()),
+        ("reasks", pa.int64()),
+        ("tool_calls", TOOL_CALLS_TYPE),
+        ("response_id", pa.string()),
     ]
 )
 RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
@@ -54,14 +63,18 @@ def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
         columns["latency_ms"].append(r.latency_ms)
         columns["error"].append(r.error)
         columns["model"].append(r.model)
+        columns["reasks"].append(r.reasks)
+        columns["tool_calls"].append([call.to_dict() for call in r.tool_calls] or None)
+        columns["response_id"].append(r.response_id)
     return [pa.array(columns[field.name], type=field.type) for field in RESULT_SCHEMA]
 
 
 class OutputWriter:
     """Writes output batches to ``path`` atomically."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, schema: OutputSchema | None = None) -> None:
         self.path = path
+        self._answer = schema
         self._tmp = path.with_name(f".{path.name}.partial")
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
@@ -82,8 +95,13 @@ class OutputWriter:
         kept: Sequence[tuple[str, pa.Array]],
         results: Sequence[RowResult],
     ) -> None:
-        names = ["id", *(name for name, _ in kept), *RESULT_COLUMNS]
-        arrays = [id_array, *(array for _, array in kept), *result_arrays(results)]
+        names = ["id", *(name for name, _ in kept)]
+        arrays = [id_array, *(array for _, array in kept)]
+        if self._answer is not None:
+            names.extend(self._answer.columns)
+            arrays.extend(self._answer.column_arrays([r.structured for r in results]))
+        names.extend(RESULT_COLUMNS)
+        arrays.extend(result_arrays(results))
         batch = pa.RecordBatch.from_arrays(arrays, names=names)
         if self._schema is None:
             self._schema = pa.schema(

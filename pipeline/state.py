@@ -34,6 +34,7 @@ from pipeline.journal import Journal, append_lines, bucket_of
 COMPLETED = "completed"
 INTERRUPTED = "interrupted"
 FAILED = "failed"
+OVER_BUDGET = "over_budget"
 MTIME_SLACK_S = 2.0
 
 
@@ -58,6 +59,8 @@ class RunRecord:
     summary: dict[str, Any] | None = None
     suspects: Suspects | None = None
     """What this run found left over by the run before it."""
+    fresh: bool = False
+    """The run started over (``--fresh``): nothing before it counts."""
 
     @property
     def ended(self) -> bool:
@@ -157,6 +160,7 @@ class JobState:
                     started_at=float(event["at"]),
                     pid=int(event.get("pid", 0)),
                     suspects=suspects,
+                    fresh=bool(event.get("fresh", False)),
                 )
             elif event.get("event") == "end" and run in runs:
                 start = runs[run]
@@ -168,15 +172,18 @@ class JobState:
                     how=str(event["how"]),
                     summary=event.get("summary"),
                     suspects=start.suspects,
+                    fresh=start.fresh,
                 )
         return [runs[key] for key in sorted(runs)]
 
-    def begin_run(self, suspects: Suspects | None) -> int:
+    def begin_run(self, suspects: Suspects | None, *, fresh: bool = False) -> int:
         """Record that a run starts; returns its number."""
         history = self.history()
         run = history[-1].run + 1 if history else 1
         event: dict[str, Any] = {"event": "start", "run": run, "at": time.time()}
         event["pid"] = os.getpid()
+        if fresh:
+            event["fresh"] = True
         if suspects is not None:
             worst = suspects.worst_cost_usd
             event["suspects"] = {
@@ -229,3 +236,47 @@ class JobState:
         if count == 0:
             return None
         return Suspects(run=last.run, count=count, worst_cost_usd=worst)
+
+    # -- money ---------------------------------------------------------------------------
+
+    def spent_usd(self, *, before: int | None = None) -> Decimal | None:
+        """What the job has spent since its last fresh start (None: a price was unknown),
+        counting only the runs before run ``before`` when it is given.
+
+        A run that ended recorded its cost, and the worst case of requests it left
+        unanswered. A run that was killed did not: its results in the journal are summed,
+        plus the worst case of the requests it left in flight, which the next run recorded.
+        """
+        history = [r for r in self.history() if before is None or r.run < before]
+        current = [r for r in self.history() if r.run == before]
+        starts = [index for index, record in enumerate(history) if record.fresh]
+        runs = history[starts[-1] :] if starts else history
+        if current and current[0].fresh:
+            return Decimal(0)
+        left_over = {
+            r.suspects.run: r.suspects for r in [*runs, *current] if r.suspects is not None
+        }
+        killed = {r.run for r in runs if r.summary is None or "cost_usd" not in r.summary}
+        total = Decimal(0)
+        for record in runs:
+            if record.run in killed:
+                continue
+            assert record.summary is not None
+            for name in ("cost_usd", "unanswered_worst_usd"):
+                value = record.summary.get(name)
+                if value is None and (name == "cost_usd" or record.summary.get("unanswered")):
+                    return None
+                total += Decimal(value or 0)
+        if killed:
+            for result in self.journal.iter_results():
+                if result.run in killed:
+                    if result.cost_usd is None:
+                        return None
+                    total += result.cost_usd
+            for run in killed:
+                suspects = left_over.get(run)
+                if suspects is not None:
+                    if suspects.worst_cost_usd is None:
+                        return None
+                    total += suspects.worst_cost_usd
+        return total

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pipeline.limits import Limiter, LimiterSnapshot
-from pipeline.pricing import ZERO_USAGE, Usage
+from pipeline.pricing import ZERO_COST, ZERO_USAGE, CostParts, Price, Usage, cost_parts
 from pipeline.records import RowResult
 
 
@@ -31,6 +31,10 @@ class Snapshot:
     elapsed_s: float
     limiter: LimiterSnapshot | None = None
     """The limiter's cap and budgets, when the run has a limiter."""
+    reasks: int = 0
+    truncated: int = 0
+    cost_parts: CostParts | None = None
+    """What this run's billed answers cost, by kind of token (None: price unknown)."""
 
     @property
     def done(self) -> int:
@@ -76,6 +80,9 @@ class RunStats:
     usage: Usage = ZERO_USAGE
     cost_usd: Decimal = Decimal(0)
     cost_unknown: bool = False
+    reasks: int = 0
+    truncated: int = 0
+    parts: CostParts = ZERO_COST
     started: float = field(default=0.0)
 
     def __post_init__(self) -> None:
@@ -86,11 +93,18 @@ class RunStats:
             self.ok += 1
         else:
             self.failed += 1
+            if result.finish_reason == "length":
+                self.truncated += 1
         self.usage = self.usage + result.usage
         if result.cost_usd is None:
             self.cost_unknown = True
         else:
             self.cost_usd += result.cost_usd
+
+    def add_billed(self, usage: Usage, price: Price | None) -> None:
+        """One billed answer, priced at the price in effect when it was sent."""
+        if price is not None:
+            self.parts = self.parts + cost_parts(usage, price)
 
     def add_resumed(self, *, ok: int, failed: int) -> None:
         """Rows that earlier runs finished (ok or failed), skipped by this run."""
@@ -112,4 +126,7 @@ class RunStats:
             cost_usd=None if self.cost_unknown else self.cost_usd,
             elapsed_s=self.clock() - self.started,
             limiter=None if self.limiter is None else self.limiter.snapshot(),
+            reasks=self.reasks,
+            truncated=self.truncated,
+            cost_parts=None if self.cost_unknown else self.parts,
         )

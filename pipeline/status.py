@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.pricing import ZERO_USAGE, Usage
+from pipeline.pricing import ZERO_USAGE, CostParts, Usage, cost_parts
 from pipeline.runner import Runner
 from pipeline.sources import InputScan
 from pipeline.state import RunRecord, Suspects
@@ -23,6 +23,8 @@ class JobStatus:
     spent: Usage
     """Tokens of every result ever recorded for this job (every billed attempt)."""
     spent_usd: Decimal | None
+    spent_parts: CostParts | None
+    """``spent`` by kind of token, at the job's current price."""
     last_run: RunRecord | None
     running: str | None
     """Who holds the job's lock, if a run is in progress."""
@@ -46,6 +48,13 @@ class JobStatus:
                 "completion_tokens": self.spent.completion_tokens,
                 "reasoning_tokens": self.spent.reasoning_tokens,
                 "cost_usd": None if self.spent_usd is None else str(self.spent_usd),
+                "cost_by_kind_usd": None
+                if self.spent_parts is None
+                else {
+                    "uncached_input": str(self.spent_parts.uncached_input),
+                    "cached_input": str(self.spent_parts.cached_input),
+                    "output": str(self.spent_parts.output),
+                },
             },
             "last_run": None
             if last is None
@@ -99,6 +108,7 @@ def job_status(runner: Runner, scan: InputScan) -> JobStatus:
         pending=pending,
         spent=spent,
         spent_usd=spent_usd,
+        spent_parts=None if runner.price is None else cost_parts(spent, runner.price),
         last_run=history[-1] if history else None,
         running=running,
         suspects=None if running else runner.state.suspects(),

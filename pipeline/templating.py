@@ -70,7 +70,7 @@ def _text(value: Any) -> str:
 
 
 def render_prompt(
-    template: str, names: Sequence[str], row: Mapping[str, Any]
+    template: str, names: Sequence[str], row: Mapping[str, Any], *, empty_ok: bool = False
 ) -> str | RenderFailure:
     """Fill ``template`` from ``row``; a null or missing value is a failure, not ``"None"``."""
     values: dict[str, str] = {}
@@ -80,7 +80,7 @@ def render_prompt(
             return RenderFailure(f"column {name!r} is null in this row")
         values[name] = _text(value)
     text = template.format_map(values)
-    if not text.strip():
+    if not empty_ok and not text.strip():
         return RenderFailure("the rendered prompt is empty")
     return text
 
@@ -123,34 +123,69 @@ class RequestTemplate:
     prompt: str | None
     messages_column: str | None
     params: Mapping[str, Any]
+    suffix: str | None = None
+    """FIM: the template of the text after the hole (the completions endpoint)."""
+    completions: bool = False
+    """Bodies for the completions endpoint (``prompt``/``suffix``) instead of chat."""
+    instruction: str | None = None
+    """Text appended to the system prompt (the output schema's description)."""
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The input columns that requests read."""
         if self.messages_column is not None:
             return (self.messages_column,)
-        return _placeholders_of(self.prompt or "")
+        names = _placeholders_of(self.prompt or "") + _placeholders_of(self.suffix or "")
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def system_text(self) -> str | None:
+        """The system prompt as sent: the job's, then the instruction."""
+        if self.instruction is None:
+            return self.system
+        if self.system is None:
+            return self.instruction
+        return f"{self.system}\n\n{self.instruction}"
 
     def messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]] | RenderFailure:
+        system = self.system_text
         if self.messages_column is not None:
             rendered = messages_from_column(row.get(self.messages_column), self.messages_column)
-            if isinstance(rendered, RenderFailure) or self.system is None:
+            if isinstance(rendered, RenderFailure) or system is None:
                 return rendered
-            if rendered[0].get("role") == "system":
+            first = rendered[0]
+            if first.get("role") != "system":
+                return [{"role": "system", "content": system}, *rendered]
+            if self.instruction is None:
                 return rendered
-            return [{"role": "system", "content": self.system}, *rendered]
-        prompt = render_prompt(self.prompt or "", self.columns, row)
+            content = f"{first.get('content') or ''}\n\n{self.instruction}"
+            return [{**first, "content": content}, *rendered[1:]]
+        prompt = render_prompt(self.prompt or "", _placeholders_of(self.prompt or ""), row)
         if isinstance(prompt, RenderFailure):
             return prompt
-        head = [] if self.system is None else [{"role": "system", "content": self.system}]
+        head = [] if system is None else [{"role": "system", "content": system}]
         return [*head, {"role": "user", "content": prompt}]
 
     def body(self, row: Mapping[str, Any]) -> dict[str, Any] | RenderFailure:
         """The JSON request body for ``row``."""
+        if self.completions:
+            return self._completion_body(row)
         messages = self.messages(row)
         if isinstance(messages, RenderFailure):
             return messages
         return {"model": self.model, "messages": messages, **self.params}
+
+    def _completion_body(self, row: Mapping[str, Any]) -> dict[str, Any] | RenderFailure:
+        prompt = render_prompt(self.prompt or "", _placeholders_of(self.prompt or ""), row)
+        if isinstance(prompt, RenderFailure):
+            return prompt
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt}
+        if self.suffix is not None:
+            suffix = render_prompt(self.suffix, _placeholders_of(self.suffix), row, empty_ok=True)
+            if isinstance(suffix, RenderFailure):
+                return suffix
+            body["suffix"] = suffix
+        return {**body, **self.params}
 
 
 # One encoder for every body: json.dumps with options builds a new one per call.

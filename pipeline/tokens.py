@@ -6,16 +6,38 @@ DeepSeek's chat format lays a conversation out as::
 
 where the thinking marker is ``<think>`` in thinking mode and ``</think>`` otherwise; an
 assistant turn in the history is followed by ``<｜end▁of▁sentence｜>``. The built-in server
-counts the ``prompt_tokens`` it reports the same way, so estimates and runs agree.
+counts the ``prompt_tokens`` it reports the same way (both call :func:`deepseek_layout`), so
+estimates and runs agree to the token.
+
+Tools and tool calls follow the built-in server's convention, not DeepSeek's exact template
+(which is not published in a form we can reproduce): the request's ``tools`` are written as
+``"\n\n## Tools\n"`` plus their canonical JSON (sorted keys, no spaces, UTF-8 as is) right
+after the leading system messages, or first when there is none; an assistant turn that carries
+``tool_calls`` adds, after its text, ``<｜tool▁calls▁begin｜>`` then per call
+``<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>``, then
+``<｜tool▁calls▁end｜>``; ``tool`` messages are user-side turns.
+
+FIM (``/beta/completions`` with ``prompt`` and ``suffix``) is laid out as::
+
+    <｜begin▁of▁sentence｜><｜fim▁begin｜>{prompt}<｜fim▁hole｜>{suffix}<｜fim▁end｜>
+
+and as ``<｜begin▁of▁sentence｜>{prompt}`` without a suffix. The DeepSeek V4 ``tokenizer.json``
+has these three spellings as added tokens (ids 128801 ``fim▁begin``, 128800 ``fim▁hole``,
+128802 ``fim▁end``; not flagged "special", so they are matched in the text like the chat
+markers) and each encodes as one token. It also has the ``tool▁call(s)▁begin/end`` and
+``tool▁sep`` tokens used above (ids 128806-128809 and 128814).
 
 For models that are not DeepSeek models the count is an estimate: one token per four UTF-8
-bytes of text, plus four tokens of framing per message (documented in the README).
+bytes of text, plus four tokens of framing per message (documented in the README); tools add
+the estimate of their canonical JSON, tool calls that of their names and arguments, and a
+completions body counts its prompt and suffix as one message.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +51,15 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK_ON = "<think>"
 THINK_OFF = "</think>"
+FIM_BEGIN = "<｜fim▁begin｜>"
+FIM_HOLE = "<｜fim▁hole｜>"
+FIM_END = "<｜fim▁end｜>"
+TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+TOOL_CALL_END = "<｜tool▁call▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOLS_HEADER = "\n\n## Tools\n"
 
 HEURISTIC_BYTES_PER_TOKEN = 4
 HEURISTIC_TOKENS_PER_MESSAGE = 4
@@ -70,21 +101,96 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
-def deepseek_chat_layout(messages: Sequence[Mapping[str, Any]], *, thinking: bool) -> str:
-    """The prompt text DeepSeek's chat template builds from ``messages``."""
+def tools_text(tools: Any) -> str:
+    """The canonical JSON of a request's ``tools`` (empty when there are none)."""
+    if not tools:
+        return ""
+    return json.dumps(tools, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def _tool_call_parts(message: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(name, arguments)`` of each function call an assistant message carries."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return []
+    parts: list[tuple[str, str]] = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping):
+            parts.append((str(function.get("name", "")), str(function.get("arguments", ""))))
+    return parts
+
+
+def _tool_calls_layout(message: Mapping[str, Any]) -> str:
+    parts = _tool_call_parts(message)
+    if not parts:
+        return ""
+    calls = "".join(
+        f"{TOOL_CALL_BEGIN}{name}{TOOL_SEP}{arguments}{TOOL_CALL_END}" for name, arguments in parts
+    )
+    return f"{TOOL_CALLS_BEGIN}{calls}{TOOL_CALLS_END}"
+
+
+def _leading_system_count(messages: Sequence[Mapping[str, Any]]) -> int:
+    count = 0
+    while count < len(messages) and messages[count].get("role") == "system":
+        count += 1
+    return count
+
+
+def deepseek_chat_layout(
+    messages: Sequence[Mapping[str, Any]], *, thinking: bool, tools: Any = None
+) -> str:
+    """The prompt text DeepSeek's chat template builds from ``messages`` (and ``tools``).
+
+    The tools section goes after the leading system messages (the server's convention; see
+    the module docstring), so a shared system prompt stays a shared, cacheable prefix.
+    """
     parts = [BOS]
-    for message in messages:
+    tools_at = _leading_system_count(messages)
+    for index, message in enumerate(messages):
+        if index == tools_at and tools:
+            parts.append(TOOLS_HEADER + tools_text(tools))
         role = message.get("role")
         text = _content_text(message.get("content"))
         if role == "system":
             parts.append(text)
         elif role == "assistant":
-            parts.append(f"{ASSISTANT}{THINK_OFF}{text}{EOS}")
+            parts.append(f"{ASSISTANT}{THINK_OFF}{text}{_tool_calls_layout(message)}{EOS}")
         else:  # user, tool and anything else are user-side turns
             parts.append(f"{USER}{text}")
+    if tools_at == len(messages) and tools:
+        parts.append(TOOLS_HEADER + tools_text(tools))
     parts.append(ASSISTANT)
     parts.append(THINK_ON if thinking else THINK_OFF)
     return "".join(parts)
+
+
+def deepseek_fim_layout(prompt: str, suffix: str | None) -> str:
+    """The prompt text of a FIM completion: prompt, hole, suffix; just the prompt without one."""
+    if suffix is None:
+        return f"{BOS}{prompt}"
+    return f"{BOS}{FIM_BEGIN}{prompt}{FIM_HOLE}{suffix}{FIM_END}"
+
+
+def is_completion_body(body: Mapping[str, Any]) -> bool:
+    """Whether ``body`` is a (FIM) completions body: a ``prompt`` and no ``messages``."""
+    return "prompt" in body and "messages" not in body
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _content_text(value)
+
+
+def deepseek_layout(body: Mapping[str, Any]) -> str:
+    """The text DeepSeek tokenizes for a request body: chat (with tools) or FIM completion."""
+    if is_completion_body(body):
+        return deepseek_fim_layout(
+            _content_text(body.get("prompt")), _optional_text(body.get("suffix"))
+        )
+    return deepseek_chat_layout(
+        body.get("messages") or [], thinking=thinking_enabled(body), tools=body.get("tools")
+    )
 
 
 def thinking_enabled(body: Mapping[str, Any]) -> bool:
@@ -114,27 +220,39 @@ def heuristic_tokens(text: str) -> int:
     return (size + HEURISTIC_BYTES_PER_TOKEN - 1) // HEURISTIC_BYTES_PER_TOKEN
 
 
+def heuristic_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The documented estimate of a body's prompt tokens, for models we cannot count exactly."""
+    if is_completion_body(body):
+        text = _content_text(body.get("prompt")) + (_optional_text(body.get("suffix")) or "")
+        return heuristic_tokens(text) + HEURISTIC_TOKENS_PER_MESSAGE
+    messages = body.get("messages") or []
+    count = sum(
+        heuristic_tokens(_content_text(m.get("content"))) + HEURISTIC_TOKENS_PER_MESSAGE
+        for m in messages
+    )
+    for message in messages:
+        count += sum(heuristic_tokens(n + a) for n, a in _tool_call_parts(message))
+    return count + heuristic_tokens(tools_text(body.get("tools")))
+
+
 def count_prompt_tokens(
     bodies: Sequence[Mapping[str, Any]],
 ) -> list[int]:
-    """Prompt tokens of chat-completions request bodies, exact for DeepSeek models.
+    """Prompt tokens of chat-completions or completions request bodies, exact for DeepSeek.
 
-    Each body must carry ``model`` and ``messages``. DeepSeek bodies are laid out with the
-    chat format above and counted exactly in one batch; other models get the heuristic.
+    Each body carries ``model`` and either ``messages`` (chat, with optional ``tools``) or
+    ``prompt`` (and optional ``suffix``: FIM). DeepSeek bodies are laid out with
+    :func:`deepseek_layout` and counted exactly in one batch; other models get the heuristic.
     """
     counts = [0] * len(bodies)
     exact_index: list[int] = []
     exact_text: list[str] = []
     for index, body in enumerate(bodies):
-        messages = body.get("messages") or []
         if is_deepseek_model(str(body.get("model", ""))):
             exact_index.append(index)
-            exact_text.append(deepseek_chat_layout(messages, thinking=thinking_enabled(body)))
+            exact_text.append(deepseek_layout(body))
         else:
-            counts[index] = sum(
-                heuristic_tokens(_content_text(m.get("content"))) + HEURISTIC_TOKENS_PER_MESSAGE
-                for m in messages
-            )
+            counts[index] = heuristic_prompt_tokens(body)
     for index, count in zip(exact_index, count_text_tokens(exact_text), strict=True):
         counts[index] = count
     return counts

@@ -4,6 +4,8 @@
 
 reviews.parquet: 300 product reviews (review_id, product, rating, text).
 articles.jsonl: 40 short news-style articles (article_id, section, title, body).
+code_snippets.jsonl: 24 Python functions with a hole in the middle (snippet_id, language,
+    before, after), for the FIM sample job.
 """
 
 from __future__ import annotations
@@ -134,6 +136,53 @@ def articles(rng: random.Random, count: int = 40) -> list[dict[str, object]]:
     return out
 
 
+FUNCTIONS = [
+    ("mean", "values", "average of a list of numbers", "total / len(values)"),
+    ("clamp", "x, low, high", "x limited to the range [low, high]", "result"),
+    ("slugify", "title", "a URL-friendly version of a title", "slug.strip('-')"),
+    ("word_count", "text", "how many words a text has", "len(words)"),
+    (
+        "is_palindrome",
+        "text",
+        "whether a text reads the same backwards",
+        "cleaned == cleaned[::-1]",
+    ),
+    ("chunk", "items, size", "items split into lists of at most size", "chunks"),
+    ("median", "values", "the middle value of a list of numbers", "middle"),
+    ("dedupe", "items", "items without repeats, first occurrence kept", "kept"),
+]
+
+
+def _argument(rng: random.Random, name: str) -> str:
+    """A plausible literal for an argument, by its name."""
+    if name in ("values", "items"):
+        return repr([rng.randint(1, 9) for _ in range(rng.randint(3, 6))])
+    if name in ("text", "title"):
+        return repr(rng.choice(["Never odd or even", "Hello, batch world", "A man a plan"]))
+    return str(rng.randint(1, 9))
+
+
+def code_snippets(rng: random.Random, count: int = 24) -> list[dict[str, object]]:
+    """Functions whose body is the hole: ``before`` is the signature and docstring,
+    ``after`` is the return line and a call."""
+    out = []
+    for index in range(count):
+        name, args, doc, result = FUNCTIONS[index % len(FUNCTIONS)]
+        indent = " " * 4
+        before = f'def {name}({args}):\n{indent}"""Return {doc}."""\n'
+        call = ", ".join(_argument(rng, arg) for arg in args.split(", "))
+        after = f"{indent}return {result}\n\n\nprint({name}({call}))\n"
+        out.append(
+            {
+                "snippet_id": f"s{index + 1:02d}",
+                "language": "python",
+                "before": before,
+                "after": after,
+            }
+        )
+    return out
+
+
 def main() -> None:
     rng = random.Random(20261129)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -141,7 +190,10 @@ def main() -> None:
     with (OUT / "articles.jsonl").open("w", encoding="utf-8") as handle:
         for article in articles(rng):
             handle.write(json.dumps(article) + "\n")
-    print(f"wrote {OUT / 'reviews.parquet'} and {OUT / 'articles.jsonl'}")
+    with (OUT / "code_snippets.jsonl").open("w", encoding="utf-8") as handle:
+        for snippet in code_snippets(random.Random(7)):
+            handle.write(json.dumps(snippet) + "\n")
+    print(f"wrote {OUT / 'reviews.parquet'}, {OUT / 'articles.jsonl'}, ...")
 
 
 if __name__ == "__main__":

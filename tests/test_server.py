@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from test_simulate import answer_conforms
 
 from pipeline import tokens
 from pipeline.errors import ProviderError
@@ -33,13 +34,11 @@ from pipeline.server import (
     build_parser,
     draw_fault,
     format_duration,
-    make_reply,
     parse_chat_request,
     prompt_token_ids,
-    reply_pieces,
     reply_seed,
-    vocabulary,
 )
+from pipeline.simulate import make_reply, reply_pieces, vocabulary
 
 MODEL = "deepseek-v4-flash"
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
@@ -164,7 +163,7 @@ def test_reply_token_counts_equal_real_tokenization() -> None:
     rng = random.Random(1)
     replies = []
     for i in range(300):
-        body = chat_body(f"question {i}", max_tokens=rng.choice([1, 2, 5, 17, 64, 300]))
+        body = chat_body(f"question {i} (json)", max_tokens=rng.choice([1, 2, 5, 17, 64, 300]))
         if i % 3 == 0:
             body["thinking"] = {"type": "disabled"}
         if i % 5 == 0:
@@ -377,13 +376,29 @@ def test_replies_follow_max_tokens_exactly(server: LocalServer, client: httpx.Cl
         reasons[data["choices"][0]["finish_reason"]] += 1
         if data["choices"][0]["finish_reason"] == "length":
             assert completion == 40
-    assert reasons["length"] >= 1
-    assert reasons["stop"] >= 1
+    assert reasons == Counter({"stop": 20})  # truncate_rate is 0 by default
+
+
+def test_some_replies_run_past_max_tokens_at_truncate_rate(
+    local_server: Callable[..., str],
+) -> None:
+    base_url = local_server(truncate_rate=0.5, latency_ms=0)
+    reasons: Counter[str] = Counter()
+    with httpx.Client() as client:
+        for i in range(40):
+            body = chat_body(f"Review {i}: fine.", max_tokens=40, thinking={"type": "disabled"})
+            data = post(client, base_url, body).json()
+            reason = data["choices"][0]["finish_reason"]
+            reasons[reason] += 1
+            if reason == "length":
+                assert data["usage"]["completion_tokens"] == 40
+    assert 8 <= reasons["length"] <= 32
+    assert reasons["stop"] >= 8
 
 
 def test_json_mode_answers_a_json_object(server: LocalServer, client: httpx.Client) -> None:
     body = chat_body(
-        "Label it.", response_format={"type": "json_object"}, thinking={"type": "disabled"}
+        "Label it in JSON.", response_format={"type": "json_object"}, thinking={"type": "disabled"}
     )
     data = post(client, server.base_url, body).json()
     answer = json.loads(data["choices"][0]["message"]["content"])
@@ -703,3 +718,257 @@ def test_local_server_reports_a_failed_start() -> None:
         local.start()
     assert "assign requested address" in str(caught.value)
     assert local.pid is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured answers, tool calls and FIM over HTTP
+
+LABEL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["label", "confidence"],
+}
+LABEL_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
+    },
+    {
+        "type": "function",
+        "function": {"name": "record_label", "description": "Save it.", "parameters": LABEL_SCHEMA},
+    },
+]
+
+
+def schema_prompt(text: str, schema: dict[str, Any]) -> str:
+    return (
+        f"{text}\nAnswer with one JSON object, and nothing else, that conforms to this JSON "
+        f"Schema:\n```json\n{json.dumps(schema)}\n```"
+    )
+
+
+@pytest.fixture(scope="module")
+def strict_server() -> Iterator[LocalServer]:
+    """Schema answers that always conform (invalid_json_rate=0)."""
+    local = LocalServer(ServerOptions(latency_ms=1, invalid_json_rate=0.0))
+    local.start()
+    yield local
+    local.stop()
+
+
+def test_json_object_needs_the_word_json(server: LocalServer, client: httpx.Client) -> None:
+    body = chat_body("Label it.", response_format={"type": "json_object"})
+    reply = post(client, server.base_url, body)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["message"] == (
+        "'messages' must contain the word 'json' in some form, to use 'response_format' of "
+        "type 'json_object'."
+    )
+    assert (error["type"], error["param"]) == ("invalid_request_error", "messages")
+    body["messages"][0]["content"] = "Label it; answer in JSON."
+    assert post(client, server.base_url, body).status_code == 200
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_schema_in_the_prompt_is_followed(
+    strict_server: LocalServer, client: httpx.Client, thinking: bool
+) -> None:
+    for i in range(10):
+        body = chat_body(
+            schema_prompt(f"Review {i}: great.", LABEL_SCHEMA),
+            max_tokens=2000,
+            response_format={"type": "json_object"},
+            thinking={"type": "enabled" if thinking else "disabled"},
+        )
+        data = post(client, strict_server.base_url, body).json()
+        message, usage = data["choices"][0]["message"], data["usage"]
+        assert data["choices"][0]["finish_reason"] == "stop"
+        assert answer_conforms(message["content"], LABEL_SCHEMA), message["content"]
+        reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+        assert ("reasoning_content" in message) == thinking == (reasoning > 0)
+        answer_tokens = tokens.count_text_tokens([message["content"]])[0]
+        assert usage["completion_tokens"] == answer_tokens + reasoning
+        assert usage["prompt_tokens"] == tokens.count_prompt_tokens([body])[0]
+
+
+def test_json_schema_response_format_is_followed(
+    strict_server: LocalServer, client: httpx.Client
+) -> None:
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "label", "schema": LABEL_SCHEMA},
+    }
+    body = chat_body("Label it.", response_format=response_format, max_tokens=2000)
+    data = post(client, strict_server.base_url, body).json()
+    assert answer_conforms(data["choices"][0]["message"]["content"], LABEL_SCHEMA)
+
+
+def test_schema_answers_are_cut_by_max_tokens(
+    strict_server: LocalServer, client: httpx.Client
+) -> None:
+    body = chat_body(
+        schema_prompt("Label it.", LABEL_SCHEMA),
+        max_tokens=6,
+        response_format={"type": "json_object"},
+        thinking={"type": "disabled"},
+    )
+    data = post(client, strict_server.base_url, body).json()
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 6
+    assert not answer_conforms(data["choices"][0]["message"]["content"], LABEL_SCHEMA)
+
+
+def test_some_schema_answers_are_invalid(local_server: Callable[..., str]) -> None:
+    base_url = local_server(latency_ms=1, invalid_json_rate=0.5)
+    valid: Counter[bool] = Counter()
+    with httpx.Client(timeout=10) as http:
+        for i in range(60):
+            body = chat_body(
+                schema_prompt(f"Row {i}.", LABEL_SCHEMA),
+                max_tokens=2000,
+                response_format={"type": "json_object"},
+                thinking={"type": "disabled"},
+            )
+            content = post(http, base_url, body).json()["choices"][0]["message"]["content"]
+            valid[answer_conforms(content, LABEL_SCHEMA)] += 1
+    assert valid[True] > 15
+    assert valid[False] > 15
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize(
+    ("tool_choice", "called"),
+    [
+        (None, "lookup"),
+        ("auto", "lookup"),
+        ("required", "lookup"),
+        ({"type": "function", "function": {"name": "record_label"}}, "record_label"),
+    ],
+)
+def test_tool_calls(
+    strict_server: LocalServer,
+    client: httpx.Client,
+    tool_choice: Any,
+    called: str,
+    thinking: bool,
+) -> None:
+    extra = {} if tool_choice is None else {"tool_choice": tool_choice}
+    body = chat_body(
+        "Label this review: fine.",
+        max_tokens=2000,
+        tools=LABEL_TOOLS,
+        thinking={"type": "enabled" if thinking else "disabled"},
+        **extra,
+    )
+    data = post(client, strict_server.base_url, body).json()
+    choice, usage = data["choices"][0], data["usage"]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None
+    (call,) = message["tool_calls"]
+    assert re.fullmatch(r"call_[0-9a-f]+", call["id"])
+    assert (call["type"], call["function"]["name"]) == ("function", called)
+    arguments = call["function"]["arguments"]
+    schema = next(
+        t["function"]["parameters"] for t in LABEL_TOOLS if t["function"]["name"] == called
+    )
+    assert answer_conforms(arguments, schema)
+    reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+    assert ("reasoning_content" in message) == thinking == (reasoning > 0)
+    assert usage["completion_tokens"] == tokens.count_text_tokens([arguments])[0] + reasoning
+    assert usage["prompt_tokens"] == tokens.count_prompt_tokens([body])[0]
+
+
+def test_tool_choice_none_answers_with_text(server: LocalServer, client: httpx.Client) -> None:
+    body = chat_body("Hello.", tools=LABEL_TOOLS, tool_choice="none")
+    data = post(client, server.base_url, body).json()
+    assert "tool_calls" not in data["choices"][0]["message"]
+    assert data["usage"]["prompt_tokens"] == tokens.count_prompt_tokens([body])[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"tools": []}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function"}]}, "tools[0]"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {"tools": LABEL_TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "tool_choice",
+        ),
+        ({"tools": LABEL_TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+    ],
+)
+def test_malformed_tools_are_refused(
+    server: LocalServer, client: httpx.Client, extra: dict[str, Any], param: str
+) -> None:
+    reply = post(client, server.base_url, chat_body("x", **extra))
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+FIM_BODY: dict[str, Any] = {
+    "model": MODEL,
+    "prompt": "def fib(n):\n    ",
+    "suffix": "\n    return fib(n - 1) + fib(n - 2)\n",
+    "max_tokens": 40,
+    "thinking": {"type": "enabled"},  # ignored: FIM is non-thinking only
+}
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/completions", "/beta/completions", "/v1/beta/completions"]
+)
+def test_fim_completions(server: LocalServer, client: httpx.Client, path: str) -> None:
+    root = server.base_url.removesuffix("/v1")
+    reply = client.post(f"{root}{path}", json=FIM_BODY)
+    assert reply.status_code == 200
+    data = reply.json()
+    assert data["id"].startswith("cmpl-")
+    assert (data["object"], data["model"]) == ("text_completion", MODEL)
+    (choice,) = data["choices"]
+    assert (choice["index"], choice["logprobs"]) == (0, None)
+    assert choice["finish_reason"] in {"stop", "length"}
+    usage = data["usage"]
+    assert usage["prompt_tokens"] == tokens.count_prompt_tokens([FIM_BODY])[0]
+    assert usage["completion_tokens"] == tokens.count_text_tokens([choice["text"]])[0] <= 40
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 0}
+    hit = usage["prompt_tokens_details"]["cached_tokens"]
+    assert usage["prompt_cache_hit_tokens"] == hit
+    assert usage["prompt_cache_miss_tokens"] == usage["prompt_tokens"] - hit
+
+
+def test_fim_shares_the_machinery(server: LocalServer, client: httpx.Client) -> None:
+    url = f"{server.base_url.removesuffix('/v1')}/beta/completions"
+    server.reset_stats()
+    long_prompt = {**FIM_BODY, "prompt": "# a long shared header\n" * 60 + "def f():\n"}
+    first = client.post(url, json=long_prompt).json()
+    second = client.post(url, json=long_prompt).json()
+    assert first["choices"] == second["choices"]  # deterministic
+    assert second["usage"]["prompt_cache_hit_tokens"] > 0
+    other = {"model": "gpt-4o-mini", "prompt": "x = ", "suffix": "\nprint(x)"}
+    assert (
+        client.post(url, json=other).json()["usage"]["prompt_tokens"]
+        == (tokens.count_prompt_tokens([other])[0])
+    )
+    assert client.post(url, json={"model": MODEL}).json()["error"]["param"] == "prompt"
+    assert client.post(url, json={**FIM_BODY, "stream": True}).status_code == 400
+    stats = server.stats()
+    assert (stats["ok"], stats["400"]) == (3, 2)
+    assert stats["prompt_tokens_total"] == (
+        2 * first["usage"]["prompt_tokens"] + tokens.count_prompt_tokens([other])[0]
+    )

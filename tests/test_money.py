@@ -1,0 +1,207 @@
+"""Budget caps, accounting by kind and the run summary, with a scripted provider."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.budget import Budget
+from pipeline.errors import JobFileError
+from pipeline.jobspec import JobSpec, Overrides, apply_overrides, parse_job
+from pipeline.pricing import Usage, cost, resolve_price
+from pipeline.runner import Runner, RunOptions, RunReport
+from pipeline.state import JobState
+from pipeline.summary import summary_path
+
+PROMPT_TOKENS = 10
+COMPLETION_TOKENS = 3
+
+
+def _reply(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(
+        200,
+        json={
+            "id": "chatcmpl-1",
+            "model": "deepseek-v4-flash",
+            "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": COMPLETION_TOKENS,
+                "prompt_cache_hit_tokens": 4,
+            },
+        },
+    )
+
+
+def _job(tmp_path: Path, rows: int = 60, extra: str = "") -> JobSpec:
+    pq.write_table(
+        pa.table({"rid": [f"r{i}" for i in range(rows)], "text": [f"t{i}" for i in range(rows)]}),
+        tmp_path / "in.parquet",
+    )
+    return parse_job(
+        f"""
+name = "money"
+[input]
+path = "{tmp_path / "in.parquet"}"
+id_column = "rid"
+[request]
+base_url = "http://127.0.0.1:9/v1"
+model = "deepseek-v4-flash"
+prompt = "{{text}}"
+max_tokens = 8
+[limits]
+max_in_flight = 4
+max_retry_wait_s = 0.01
+[output]
+path = "{tmp_path / "out.parquet"}"
+{extra}
+""",
+        tmp_path / "money.toml",
+    )
+
+
+class Recorder:
+    """A provider that counts the request keys it is sent."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.sent[body["messages"][-1]["content"]] += 1
+        return _reply(request)
+
+
+def _run(job: JobSpec, provider: Any, **options: Any) -> RunReport:
+    runner = Runner(
+        job,
+        api_key=None,
+        options=RunOptions(batch_rows=16, **options),
+        transport=httpx.MockTransport(provider),
+        rng=random.Random(3),
+    )
+    return anyio.run(runner.run, runner.prepare())
+
+
+def test_budget_reserves_worst_cases_and_never_passes_the_cap() -> None:
+    budget = Budget(cap=Decimal("1.0"), spent=Decimal("0.2"))
+    assert budget.reserve(Decimal("0.5"))
+    assert not budget.reserve(Decimal("0.31"))  # 0.2 + 0.5 + 0.31 > 1.0
+    assert budget.exhausted
+    assert not budget.reserve(Decimal("0.01"))  # once exhausted, nothing new starts
+    budget.settle(Decimal("0.5"), Decimal("0.1"))
+    assert budget.spent == Decimal("0.3")
+    assert budget.reserved == 0
+
+
+@given(st.lists(st.tuples(st.integers(1, 100), st.integers(0, 100)), max_size=60))
+def test_spend_stays_under_the_cap_whatever_the_answers_cost(
+    requests: list[tuple[int, int]],
+) -> None:
+    """Each request reserves its worst case and then spends at most that."""
+    budget = Budget(cap=Decimal(500))
+    for worst, percent in requests:
+        if not budget.reserve(Decimal(worst)):
+            break
+        budget.settle(Decimal(worst), Decimal(worst * percent) / 100)
+        assert budget.spent <= budget.cap
+
+
+def test_a_capped_run_stops_keeps_its_rows_and_a_higher_cap_finishes(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    price = resolve_price(job.request.base_url, job.request.model, None)
+    per_row = cost(
+        Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=COMPLETION_TOKENS, cached_tokens=4),
+        price,
+    )
+    assert per_row is not None
+    cap = per_row * 30  # half of the 60 rows' real cost
+    provider = Recorder()
+    first = _run(apply_overrides(job, Overrides(max_cost=cap)), provider)
+    assert first.over_budget
+    assert not first.interrupted
+    assert first.budget is not None
+    assert first.budget.spent <= cap
+    assert 0 < first.final.ok < 60
+    kept = {r.key for r in JobState(job.output.state_path).journal.iter_results()}
+    assert len(kept) == first.final.ok  # every completed row is in the journal
+    summary = json.loads(summary_path(job.output.path).read_text())
+    assert summary["ended"] == "over_budget"
+    assert summary["this_run"]["budget"]["stopped"] is True
+
+    second = _run(apply_overrides(job, Overrides(max_cost=Decimal(1))), provider)
+    assert not second.over_budget
+    assert second.final.resumed_rows == first.final.ok
+    assert second.final.ok == 60 - first.final.ok
+    assert max(provider.sent.values()) == 1  # no completed row was sent again
+    assert len(provider.sent) == 60
+    total = JobState(job.output.state_path).spent_usd()
+    assert total == per_row * 60
+
+
+def test_the_cap_counts_what_earlier_runs_spent(tmp_path: Path) -> None:
+    job = _job(tmp_path, rows=20)
+    provider = Recorder()
+    _run(job, provider)
+    spent = JobState(job.output.state_path).spent_usd()
+    assert spent is not None
+    assert spent > 0
+    # Twenty more rows against a cap already used up: nothing is sent.
+    more = _job(tmp_path, rows=40)
+    report = _run(apply_overrides(more, Overrides(max_cost=spent)), provider)
+    assert report.over_budget
+    assert report.final.requests == 0
+    # --fresh forgets the earlier runs' spend along with their results.
+    report = _run(apply_overrides(more, Overrides(max_cost=Decimal(1))), provider, fresh=True)
+    assert report.final.ok == 40
+    assert JobState(job.output.state_path).spent_usd() == report.final.cost_usd
+
+
+def test_a_budget_needs_a_price(tmp_path: Path) -> None:
+    job = _job(tmp_path, extra="[budget]\nmax_cost_usd = 1.0")
+    unpriced = apply_overrides(job, Overrides(base_url="https://example.invalid/v1"))
+    runner = Runner(unpriced, api_key=None, transport=httpx.MockTransport(_reply))
+    with pytest.raises(JobFileError, match=r"\[budget\] max_cost_usd.*\[pricing\]"):
+        anyio.run(runner.run, runner.prepare())
+
+
+def test_every_billed_attempt_counts_and_costs_split_by_kind(tmp_path: Path) -> None:
+    """A retried request whose first answer was billed (malformed, with usage) costs twice."""
+    calls = Counter[str]()
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        text = json.loads(request.content)["messages"][-1]["content"]
+        calls[text] += 1
+        if calls[text] == 1:
+            usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS}
+            return httpx.Response(200, json={"choices": [], "usage": usage})
+        return _reply(request)
+
+    job = _job(tmp_path, rows=10)
+    report = _run(job, flaky)
+    assert report.final.ok == 10
+    assert report.final.usage.prompt_tokens == 2 * 10 * PROMPT_TOKENS
+    assert report.final.usage.cached_tokens == 10 * 4
+    parts = report.final.cost_parts
+    assert parts is not None
+    price = resolve_price(job.request.base_url, job.request.model, None)
+    assert price is not None
+    assert parts.cached_input == Decimal(40) * price.cached_input / 1_000_000
+    assert parts.uncached_input == Decimal(200 - 40) * price.input / 1_000_000
+    assert parts.total == report.final.cost_usd
+    document = json.loads(summary_path(job.output.path).read_text())
+    by_kind = document["this_run"]["cost_by_kind_usd"]
+    assert Decimal(by_kind["output"]) == parts.output
+    assert document["tokens"]["input_cached"] == 40

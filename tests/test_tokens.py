@@ -1,0 +1,113 @@
+"""Prompt layouts and counts: chat, chat with tools and tool calls, FIM completions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from pipeline import tokens
+
+MODEL = "deepseek-v4-flash"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "record_label",
+            "description": "Record the label of a review.",
+            "parameters": {
+                "type": "object",
+                "properties": {"label": {"type": "string", "enum": ["pos", "neg"]}},
+                "required": ["label"],
+            },
+        },
+    }
+]
+
+
+def test_fim_special_tokens_are_single_tokens_of_the_tokenizer() -> None:
+    vocab = tokens.deepseek_tokenizer().get_vocab(with_added_tokens=True)
+    for special in (tokens.FIM_BEGIN, tokens.FIM_HOLE, tokens.FIM_END, tokens.TOOL_SEP):
+        assert special in vocab
+        assert tokens.count_text_tokens([special]) == [1]
+
+
+def test_fim_layout() -> None:
+    assert tokens.deepseek_fim_layout("def f(x):", "    return x") == (
+        "<｜begin▁of▁sentence｜><｜fim▁begin｜>def f(x):<｜fim▁hole｜>    return x<｜fim▁end｜>"
+    )
+    assert tokens.deepseek_fim_layout("def f(x):", None) == "<｜begin▁of▁sentence｜>def f(x):"
+
+
+def test_chat_layout_without_tools_is_unchanged() -> None:
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+        {"role": "tool", "content": "T"},
+    ]
+    assert tokens.deepseek_chat_layout(messages, thinking=True) == (
+        "<｜begin▁of▁sentence｜>S<｜User｜>U<｜Assistant｜></think>A<｜end▁of▁sentence｜>"
+        "<｜User｜>T<｜Assistant｜><think>"
+    )
+
+
+def test_tools_follow_the_system_text_or_come_first() -> None:
+    section = "\n\n## Tools\n" + json.dumps(
+        TOOLS, ensure_ascii=False, separators=(",", ":"), sort_keys=True
+    )
+    with_system = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert tokens.deepseek_chat_layout(with_system, thinking=False, tools=TOOLS) == (
+        f"<｜begin▁of▁sentence｜>S{section}<｜User｜>U<｜Assistant｜></think>"
+    )
+    without = with_system[1:]
+    assert tokens.deepseek_chat_layout(without, thinking=False, tools=TOOLS) == (
+        f"<｜begin▁of▁sentence｜>{section}<｜User｜>U<｜Assistant｜></think>"
+    )
+
+
+def test_assistant_tool_calls_count() -> None:
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "record_label", "arguments": '{"label":"pos"}'},
+            }
+        ],
+    }
+    layout = tokens.deepseek_chat_layout([call], thinking=False)
+    assert "record_label<｜tool▁sep｜>" in layout
+    assert '{"label":"pos"}' in layout
+    plain = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    called = {**plain, "messages": [*plain["messages"], call]}
+    counts = tokens.count_prompt_tokens([plain, called])
+    assert counts[1] > counts[0] + 5
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS},
+        {"model": MODEL, "prompt": "def add(a, b):", "suffix": "\n    return c"},
+        {"model": MODEL, "prompt": "Once upon a time"},
+    ],
+)
+def test_batch_counts_equal_the_layout_of_each_body(body: dict[str, Any]) -> None:
+    text = tokens.deepseek_layout(body)
+    expected = len(tokens.deepseek_tokenizer().encode(text, add_special_tokens=False).ids)
+    assert tokens.count_prompt_tokens([body]) == [expected]
+
+
+def test_heuristic_counts_tools_and_completions() -> None:
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "12345678"}]}
+    assert tokens.count_prompt_tokens([chat]) == [2 + 4]
+    with_tools = {**chat, "tools": TOOLS}
+    tools_bytes = len(tokens.tools_text(TOOLS).encode())
+    assert tokens.count_prompt_tokens([with_tools]) == [6 + (tools_bytes + 3) // 4]
+    fim = {"model": "gpt-4o-mini", "prompt": "1234", "suffix": "5678"}
+    assert tokens.count_prompt_tokens([fim]) == [2 + 4]
