@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Literal
 
 ZERO = Decimal(0)
+Decision = Literal["reserved", "wait", "exhausted"]
 
 
 @dataclass(slots=True)
@@ -30,14 +32,17 @@ class Budget:
     exhausted: bool = False
     """Set once a reservation was refused: no new request may start."""
 
-    def reserve(self, worst: Decimal) -> bool:
-        """Hold ``worst`` for a request about to be sent; False (and exhausted) if it does
-        not fit under the cap."""
-        if self.exhausted or self.spent + self.reserved + worst > self.cap:
+    def reserve(self, worst: Decimal) -> Decision:
+        """Hold ``worst`` for a request about to be sent, if it fits beside those in flight;
+        ``wait`` for them to settle if it would fit without them; else the budget is
+        ``exhausted``."""
+        if self.exhausted or self.spent + worst > self.cap:
             self.exhausted = True
-            return False
+            return "exhausted"
+        if self.spent + self.reserved + worst > self.cap:
+            return "wait"
         self.reserved += worst
-        return True
+        return "reserved"
 
     def settle(self, reserved: Decimal, actual: Decimal | None) -> None:
         """Release a reservation, spending ``actual`` (None: unknown, spend all of it)."""

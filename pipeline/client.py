@@ -1,15 +1,13 @@
 """The only network code: send one request body, return what happened as a value.
 
-All HTTP goes through one httpx transport (``httpx.AsyncBaseTransport``): by default the
-aiohttp-backed one from ``httpx-aiohttp`` (plain httpx's connection pool costs ~19 ms of CPU
-per request at 256 in flight); tests pass ``httpx.MockTransport`` instead. Requests are
-``httpx.Request`` objects handed to the transport directly: ``httpx.AsyncClient``'s own
-per-request layers (URL merging, cookie jar, auth and redirect handling), none of which a
-POST to one fixed URL needs, measured 0.24 ms of CPU per request here, 40% of the client's
-whole budget (see bench/throughput.py). Every third-party error is
-translated here into an :class:`Attempt` with a :class:`~pipeline.retry.Failure` kind, so no
-httpx or aiohttp exception leaves this module. The API key is sent as a header and appears in
-no message.
+:class:`ChatClient` is the seam. By default it POSTs with one ``aiohttp`` session (plain
+httpx's connection pool costs ~19 ms of CPU per request at 256 in flight, and even httpx's
+request and response objects around an aiohttp transport cost 0.2 ms per request, as much
+as aiohttp's whole exchange); given an httpx transport (``httpx.MockTransport`` in the tests,
+or one of your own) it sends through that instead, with the same classification and parsing.
+Every third-party error is translated here into an :class:`Attempt` with a
+:class:`~pipeline.retry.Failure` kind, so no httpx or aiohttp exception leaves this module.
+The API key is sent as a header and appears in no message.
 """
 
 from __future__ import annotations
@@ -17,10 +15,11 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx
 
@@ -194,13 +193,82 @@ def parse_reply(raw: bytes) -> tuple[Reply | None, Usage | None, str | None]:
     return reply, usage, None
 
 
-def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
-    """The aiohttp-backed transport, sized for ``max_connections`` requests in flight."""
-    from httpx_aiohttp import AiohttpTransport
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
-    transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits)
-    return transport
+
+class _AiohttpPoster:
+    """The way out by default: one aiohttp session, sized for the requests in flight.
+
+    aiohttp directly, not behind an httpx transport: building an ``httpx.Request`` and an
+    ``httpx.Response`` around every call, and an anyio cancel scope for its timeout, measured
+    0.2 ms of CPU per request at 256 in flight (0.45 against 0.25 ms), the largest single
+    cost of the whole client (bench/throughput.py). ``ClientTimeout(total=...)`` bounds the
+    whole exchange, keep-alive lines included.
+    """
+
+    def __init__(
+        self, url: str, headers: Mapping[str, str], timeout_s: float, max_connections: int
+    ) -> None:
+        self._url = url
+        self._headers = dict(headers)
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            auto_decompress=True,
+        )
+        return self._session
+
+    async def post(self, body: bytes) -> tuple[int, RawHeaders, bytes]:
+        session = self._session or self._open()
+        async with session.post(
+            self._url, data=body, headers=self._headers, allow_redirects=False
+        ) as response:
+            raw = await response.read()
+            return response.status, response.raw_headers, raw
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _TransportPoster:
+    """Any httpx transport instead (``httpx.MockTransport`` in tests, or one of your own)."""
+
+    def __init__(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        self._url = httpx.URL(url)
+        self._headers = httpx.Headers(headers)
+        self._timeout_s = timeout_s
+        self._extensions = {
+            "timeout": {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}
+        }
+        self._transport = transport
+
+    async def post(self, body: bytes) -> tuple[int, RawHeaders, bytes]:
+        with anyio.fail_after(self._timeout_s):
+            request = httpx.Request(
+                "POST", self._url, headers=self._headers, content=body, extensions=self._extensions
+            )
+            response = await self._transport.handle_async_request(request)
+            try:
+                raw = await response.aread()
+            finally:
+                await response.aclose()
+        return response.status_code, response.headers.raw, raw
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
 
 
 class ChatClient:
@@ -219,13 +287,12 @@ class ChatClient:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self.url = url
-        self._url = httpx.URL(url)
-        self._headers = httpx.Headers(headers)
         self._timeout_s = timeout_s
-        self._extensions = {
-            "timeout": {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}
-        }
-        self._transport = transport or default_transport(max_connections)
+        self._poster: _AiohttpPoster | _TransportPoster = (
+            _AiohttpPoster(url, headers, timeout_s, max_connections)
+            if transport is None
+            else _TransportPoster(url, headers, timeout_s, transport)
+        )
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -234,25 +301,13 @@ class ChatClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
-
-    async def _post(self, body: bytes) -> tuple[int, httpx.Headers, bytes]:
-        request = httpx.Request(
-            "POST", self._url, headers=self._headers, content=body, extensions=self._extensions
-        )
-        response = await self._transport.handle_async_request(request)
-        try:
-            raw = await response.aread()
-        finally:
-            await response.aclose()
-        return response.status_code, response.headers, raw
+        await self._poster.aclose()
 
     async def send(self, body: bytes) -> Attempt:
         """POST ``body``; never raises for anything the network or the server does."""
         started = time.monotonic()
         try:
-            with anyio.fail_after(self._timeout_s):
-                status, headers, raw = await self._post(body)
+            status, headers, raw = await self._poster.post(body)
         except TimeoutError:
             return _failed(Failure.TIMEOUT, f"no answer within {self._timeout_s:g} s", started)
         except Exception as exc:  # the seam: nothing from below may escape
@@ -264,10 +319,10 @@ class ChatClient:
             return Attempt(
                 reply=None,
                 failure=failure_of_status(status),
-                error=_error_message(status, raw, headers.get("content-type", "")),
+                error=_error_message(status, raw, _header(headers, b"content-type") or ""),
                 status=status,
                 usage=None,
-                retry_after_s=parse_retry_after(headers.get("retry-after")),
+                retry_after_s=parse_retry_after(_header(headers, b"retry-after")),
                 latency_s=latency,
                 rate_headers=rate_headers,
             )
@@ -284,16 +339,21 @@ class ChatClient:
         )
 
 
+def _header(headers: RawHeaders, name: bytes) -> str | None:
+    """The first value of a header (``name`` in lower case), from the raw list."""
+    for raw_name, raw_value in headers:
+        if raw_name.lower() == name:
+            return raw_value.decode("latin-1")
+    return None
+
+
 _RATE_HEADER_NAMES = (b"retry-after", b"retry-after-ms")
 
 
-def _rate_headers(headers: httpx.Headers, status: int) -> dict[str, str] | None:
-    """The headers a rate limiter learns from; None when there are none (the common case).
-
-    One pass over the raw header list: ``httpx.Headers`` lookups re-scan it every time.
-    """
+def _rate_headers(headers: RawHeaders, status: int) -> dict[str, str] | None:
+    """The headers a rate limiter learns from; None when there are none (the common case)."""
     found: dict[str, str] | None = None
-    for raw_name, raw_value in headers.raw:
+    for raw_name, raw_value in headers:
         name = raw_name.lower()
         if name.startswith(b"x-ratelimit-") or name in _RATE_HEADER_NAMES:
             if found is None:
@@ -305,12 +365,9 @@ def _rate_headers(headers: httpx.Headers, status: int) -> dict[str, str] | None:
 
 
 def transport_failure(exc: BaseException, timeout_s: float) -> tuple[Failure, str]:
-    """Classify an exception raised while sending or receiving.
-
-    httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` (a dropped connection, a
-    server that disconnected) to ``httpx.ConnectTimeout``; the original error is kept as
-    ``__cause__``, so it is checked first.
-    """
+    """Classify an exception raised while sending or receiving (aiohttp's or httpx's):
+    timeouts are timeouts, anything else (a refused or dropped connection, a body cut
+    short) is a connection error. A wrapped exception's cause is checked first."""
     cause = exc.__cause__ or exc
     name = type(cause).__name__
     timed_out = isinstance(cause, (TimeoutError, httpx.TimeoutException)) or "Timeout" in name

@@ -128,6 +128,9 @@ class Journal:
     def _name(bucket: int) -> str:
         return f"{bucket:06d}.jsonl"
 
+    def intents_path(self, bucket: int) -> Path:
+        return self.sent_dir / self._name(bucket)
+
     def read_bucket(self, bucket: int) -> dict[str, RowResult]:
         """Results of one bucket by request key; the last record of a key wins."""
         results: dict[str, RowResult] = {}

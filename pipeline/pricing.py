@@ -84,6 +84,14 @@ class CostParts:
     def total(self) -> Decimal:
         return self.uncached_input + self.cached_input + self.output
 
+    def to_dict(self) -> dict[str, str]:
+        """JSON-ready, dollars as exact decimal strings."""
+        return {
+            "uncached_input": str(self.uncached_input),
+            "cached_input": str(self.cached_input),
+            "output": str(self.output),
+        }
+
     def __add__(self, other: CostParts) -> CostParts:
         return CostParts(
             uncached_input=self.uncached_input + other.uncached_input,

@@ -7,10 +7,10 @@
        │ plans requests, skips     classify, back off, retry;      results journal, then
        └ rows already finished     one result per row              └ counts for the display
 
-Before a request is sent, its intent is made durable (group commit in
-:class:`~pipeline.intents.IntentLog`); after it finishes, its result is. A run holds the
-job's lock, records its start and end in the state folder, and reports the requests the
-previous run left in flight. The first SIGINT/SIGTERM stops new requests, waits up to
+Before a request is sent, its intent is written (and fsynced in groups soon after, see
+:class:`~pipeline.intents.IntentLog`); after it finishes, its result is made durable. A run
+holds the job's lock, records its start and end in the state folder, and reports the
+requests the previous run left in flight. The first SIGINT/SIGTERM stops new requests, waits up to
 ``grace_s`` for those in flight, writes the finished rows and exits 130; a second one stops at
 once. A 401/403 stops the whole job. Memory is bounded by the batch size and the stream
 sizes, never by the number of rows.
@@ -261,6 +261,8 @@ class Runner:
         facts = model_facts(job.request.model)
         self._max_output = job.request.max_tokens or (facts.max_output if facts else None)
         self.budget: Budget | None = None
+        self._settled: anyio.Event | None = None
+        """Set (and replaced) whenever a reservation settles: budget waiters look again."""
         self.state = JobState(job.output.state_path)
         self.journal = self.state.journal
         self.seals = SealBook(self.state.folder)
@@ -385,6 +387,13 @@ class Runner:
         """What a person should know before the run spends anything."""
         found: list[str] = []
         request = self.job.request
+        if self.job.budget.max_cost_usd is not None and request.max_tokens is None:
+            worst = self._worst_cost(0)
+            found.append(
+                f"a budget is set but max_tokens is not: every request reserves the model's "
+                f"longest answer ({self._max_output or 'unknown':,} tokens, "
+                f"${worst or 0:.4f} of output) until it is answered. Set max_tokens."
+            )
         if request.thinking and (request.max_tokens or 0) < THINKING_MIN_TOKENS:
             found.append(
                 f"thinking is on and max_tokens is {request.max_tokens or 'unset'}: reasoning "
@@ -709,7 +718,7 @@ class Runner:
         """One attempt: reserve its worst case from the budget, wait for the limiter, record
         ``intent`` (given on the first attempt only), send, release, and account its cost."""
         estimate = self._estimate(row)
-        worst = self._reserve(row)
+        worst = await self._reserve(row)
         price = self._price_now()
         spent: Decimal | None = None
         try:
@@ -723,7 +732,7 @@ class Runner:
         retry_after = None
         try:
             if intent is not None:
-                await intents.record(intent)
+                intents.record(intent)
                 self._count_unanswered(intent.worst_cost_usd, +1)
             stats.requests += 1
             stats.in_flight += 1
@@ -756,19 +765,30 @@ class Runner:
                 retry_after_s=retry_after,
             )
 
-    def _reserve(self, row: _RowProgress) -> Decimal:
-        """Reserve an attempt's worst-case cost from the budget; raise if it does not fit."""
+    async def _reserve(self, row: _RowProgress) -> Decimal:
+        """Reserve an attempt's worst-case cost from the budget, waiting while requests in
+        flight hold the room it needs; raise if it cannot fit at all."""
         if self.budget is None:
             return Decimal(0)
         worst = self._worst_cost(row.prompt_tokens) or Decimal(0)
-        if not self.budget.reserve(worst):
-            self._stop_for_budget()
-            raise _OverBudget
-        return worst
+        while True:
+            decision = self.budget.reserve(worst)
+            if decision == "reserved":
+                return worst
+            if decision == "exhausted":
+                self._stop_for_budget()
+            if self._stopping:
+                raise _OverBudget
+            if self._settled is None:
+                self._settled = anyio.Event()
+            await self._settled.wait()
 
     def _settle(self, worst: Decimal, spent: Decimal | None) -> None:
         if self.budget is not None:
             self.budget.settle(worst, spent)
+            if self._settled is not None:
+                self._settled.set()
+                self._settled = None
 
     def _count_unanswered(self, worst: Decimal | None, sign: int) -> None:
         """Requests recorded as sent whose result is not recorded (yet)."""

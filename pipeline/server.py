@@ -176,7 +176,7 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -188,6 +188,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline import simulate, tokens
+from pipeline.prefix import PrefixCache
 from pipeline.simulate import Reply, Tool, fim_reply, make_reply, vocabulary
 
 if TYPE_CHECKING:
@@ -198,7 +199,6 @@ API_KEY_ENV: Final = "PIPELINE_SERVER_API_KEY"
 MODEL_IDS: Final = ("deepseek/deepseek-v4-flash", "deepseek-v4-flash", "gpt-4o-mini")
 DEFAULT_MAX_TOKENS: Final = 256
 FIM_PATHS: Final = ("/v1/completions", "/completions", "/beta/completions", "/v1/beta/completions")
-CACHE_BLOCK_TOKENS: Final = 64
 WINDOW_S: Final = 60.0
 
 
@@ -677,37 +677,6 @@ def prompt_token_ids(request: AnyRequest) -> tuple[int, list[int] | None]:
     text = tokens.deepseek_layout(request.body)
     ids = tokens.deepseek_tokenizer().encode(text, add_special_tokens=False).ids
     return len(ids), ids
-
-
-class PrefixCache:
-    """A bounded LRU of prompt-prefix fingerprints at 64-token granularity."""
-
-    def __init__(self, capacity: int, block: int = CACHE_BLOCK_TOKENS) -> None:
-        self._capacity = capacity
-        self._block = block
-        self._seen: OrderedDict[int, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def lookup_and_add(self, ids: Sequence[int]) -> int:
-        """Tokens of the longest whole-block prefix of ``ids`` seen before; remembers ``ids``."""
-        block = self._block
-        fingerprint = 0
-        hit = 0
-        matching = True
-        for start in range(0, len(ids) - block + 1, block):
-            fingerprint = hash((fingerprint, tuple(ids[start : start + block])))
-            if matching and fingerprint in self._seen:
-                hit = start + block
-                self._seen.move_to_end(fingerprint)
-                continue
-            matching = False
-            if self._capacity:
-                self._seen[fingerprint] = None
-                if len(self._seen) > self._capacity:
-                    self._seen.popitem(last=False)
-        return hit
 
 
 # ---------------------------------------------------------------------------------------------

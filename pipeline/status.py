@@ -50,11 +50,7 @@ class JobStatus:
                 "cost_usd": None if self.spent_usd is None else str(self.spent_usd),
                 "cost_by_kind_usd": None
                 if self.spent_parts is None
-                else {
-                    "uncached_input": str(self.spent_parts.uncached_input),
-                    "cached_input": str(self.spent_parts.cached_input),
-                    "output": str(self.spent_parts.output),
-                },
+                else self.spent_parts.to_dict(),
             },
             "last_run": None
             if last is None

@@ -43,13 +43,7 @@ def run_summary(report: RunReport) -> dict[str, Any]:
         "cached_tokens": s.usage.cached_tokens,
         "reasoning_tokens": s.usage.reasoning_tokens,
         "cost_usd": None if s.cost_usd is None else str(s.cost_usd),
-        "cost_by_kind_usd": None
-        if parts is None
-        else {
-            "uncached_input": str(parts.uncached_input),
-            "cached_input": str(parts.cached_input),
-            "output": str(parts.output),
-        },
+        "cost_by_kind_usd": None if parts is None else parts.to_dict(),
         "output_rows": report.output_rows,
         "wall_s": round(s.elapsed_s, 3),
     }

@@ -205,3 +205,44 @@ def test_a_completions_batch_file_exports_text_completions(
         line = BatchOutputLine.model_validate_json(text)
         assert line.response is not None
         Completion.model_validate(line.response.body)
+
+
+def test_a_small_job_file_runs_an_openai_batch_file_with_its_own_settings(
+    tmp_path: Path, local_server: Callable[..., str]
+) -> None:
+    base_url = local_server(latency_ms=5)
+    job = tmp_path / "batch.toml"
+    job.write_text(
+        f"""
+name = "batch-job"
+[input]
+path = "{ROOT / "data/sample/openai_batch.jsonl"}"
+format = "openai-batch"
+[request]
+base_url = "{base_url}"
+model = "deepseek-v4-flash"      # replaces every line's model
+temperature = 0                   # a default for lines that do not set it
+[limits]
+max_in_flight = 2
+[output]
+path = "{tmp_path / "batch.parquet"}"
+[budget]
+max_cost_usd = 1.0
+"""
+    )
+    done = pipeline_cli("run", job)
+    assert done.returncode == 0, done.stderr
+    out = pl.read_parquet(tmp_path / "batch.parquet")
+    assert out["id"].to_list() == ["request-1", "request-2"]
+    assert (out["model"] == "deepseek-v4-flash").all()
+    assert out["cost_usd"].null_count() == 0  # a priced model: the budget applies
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        job.read_text().replace(
+            'format = "openai-batch"', 'id_column = "x"\nformat = "openai-batch"'
+        )
+    )
+    refused = pipeline_cli("run", bad)
+    assert refused.returncode == 2
+    assert "[input] id_column" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -136,4 +136,6 @@ def test_no_row_lost_or_duplicated_across_crashes(
     assert out["response"].to_list() == [f"re t{i}" for i in range(rows)]
     # A row whose answer was recorded is never asked again; only a crash can repeat one.
     assert max(provider.ok_sends.values()) <= 1 + len(crashes)
-    assert sum(provider.ok_sends.values()) <= rows + len(crashes) * 4
+    # A crash loses at most the answers not yet durable: those held by the 4 workers and the
+    # 4 the results stream buffers for the writer (max_in_flight each).
+    assert sum(provider.ok_sends.values()) <= rows + len(crashes) * (4 + 4)

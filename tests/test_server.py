@@ -25,7 +25,6 @@ from pipeline.server import (
     ChatRequest,
     InvalidRequest,
     Outcome,
-    PrefixCache,
     RateLimiter,
     ServerOptions,
     ServerStats,
@@ -114,23 +113,6 @@ def test_fault_400_rejects_a_fixed_fraction_of_bodies() -> None:
     again = [always_rejected(body_digest(body, seed=7), 0.25) for body in bodies]
     assert rejected == again
     assert rejected != [always_rejected(body_digest(b, seed=8), 0.25) for b in bodies]
-
-
-def test_prefix_cache_hits_whole_64_token_blocks() -> None:
-    cache = PrefixCache(capacity=1000)
-    first = list(range(200))
-    assert cache.lookup_and_add(first) == 0
-    assert cache.lookup_and_add(first) == 192
-    assert cache.lookup_and_add([*first[:150], *range(1000, 1100)]) == 128
-    assert cache.lookup_and_add([1, *first]) == 0
-
-
-def test_prefix_cache_is_bounded_lru() -> None:
-    cache = PrefixCache(capacity=2)
-    ids = list(range(192))  # three blocks: the first one is evicted at once
-    assert cache.lookup_and_add(ids) == 0
-    assert len(cache) == 2
-    assert cache.lookup_and_add(ids) == 0  # the first block is gone, so nothing matches
 
 
 def test_stats_histogram_counts_sends_per_body() -> None:
