@@ -22,11 +22,13 @@ input or a rate budget did, and not while the in-flight count drains down to a c
 
 A 429 cuts the cap by ``decrease_factor`` (0.5; never below 1), at most once per *congestion
 epoch*: each cut starts a new epoch, and a 429 for a request that was sent before the cut says
-nothing new, so a burst of 429s halves the cap once instead of collapsing it to 1. This finds a
-provider's hidden concurrency limit (DeepSeek answers 429 without any headers) without being
-told. Against a hidden limit of 40 the simulation in the tests keeps about 87% of it in flight
-on average with under 1% of requests answered 429 (plain additive increase would average 75%;
-``decrease_factor=0.7`` gives about 91%).
+nothing new, so a burst of 429s halves the cap once instead of collapsing it to 1. A 429 that
+comes where the last one did (the cap within 10% of that ceiling) cuts only to 0.85 of it: the
+provider's limit is known to be there, and halving again would idle half of it while the cap
+climbs back. This finds a provider's hidden concurrency limit (DeepSeek answers 429 without
+any headers) without being told. Against a hidden limit of 40 the simulation in the tests
+keeps about 94% of it in flight on average with under 1% of requests answered 429 (halving
+at every 429 kept 87%; plain additive increase would average 75%).
 
 **Requests/min and tokens/min budgets (optional).** Every grant is written to a log of the last
 60 s; a request is granted only if, counting it, the grants in the last 60 s number at most
@@ -101,6 +103,10 @@ Outcome = Literal["ok", "rate_limited", "error"]
 
 # ---------------------------------------------------------------------------------------------
 # Values
+
+
+NEAR_CEILING_DECREASE = 0.85
+"""The cut for a 429 that comes where the last one did (see the module docstring)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -584,8 +590,11 @@ class LimiterState:
         self._rate_limited += 1
         cut = grant.epoch == self._epoch and not self._budget_exhausted(grant, headers)
         if cut:
+            factor = self.config.decrease_factor
+            if self._near_ceiling():
+                factor = max(factor, NEAR_CEILING_DECREASE)
             self._ceiling = self._cap
-            self._cap = max(1.0, self._cap * self.config.decrease_factor)
+            self._cap = max(1.0, self._cap * factor)
             self._epoch += 1
             self._cuts += 1
         if retry_after_s is not None:
@@ -595,6 +604,12 @@ class LimiterState:
             self._cool_down(now, min(self.config.max_cooldown_s, pause))
         if cut:
             self._cut_streak += 1
+
+    def _near_ceiling(self) -> bool:
+        """Whether the cap is back where the last 429 came (within 10%, or 2 requests):
+        the provider's limit is known there, so a gentle cut suffices."""
+        ceiling = self._ceiling
+        return ceiling is not None and abs(self._cap - ceiling) <= max(2.0, 0.1 * ceiling)
 
     def _measure(self, latency_s: float) -> None:
         """Smooth the round-trip time like TCP does (weight 1/8 for each new sample)."""
