@@ -12,7 +12,8 @@ counters (``/_stats``). Three checks:
    default 5 % server, where the estimate's per-row counts (``estimate --output``) must equal
    the output's ``prompt_tokens`` on every row that was not re-asked (first attempt only), and
    be exceeded on every re-asked row.
-2. **Cost after a 2 % sample.** ``estimate --sample ceil(2 % of rows)``, then the full run; the
+2. **Cost after a 2 % sample.** ``estimate --sample 2%`` (2 % of the rows, at least 20), then
+   the full run; the
    estimate's ``total_expected`` (spent on the sample + expected for the rest) against the
    job's total spend (``pipeline status --json``: every row, sampled ones included), plus the
    95 % interval. Also checked: the run re-sends no sampled row (its summary's
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
@@ -316,10 +316,11 @@ def check_sample_cost(
     out = tmp / f"cost-{name}" / "out.parquet"
     with server() as url:
         rows = estimate(job, url, out)["rows"]["total"]
-        n = max(1, math.ceil(rows * percent / 100))
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        est = estimate(job, url, out, "--sample", str(n), "--seed", str(seed))
+        # "P%": P % of the rows, but at least 20 (pipeline.cli_estimate.MIN_SAMPLE_ROWS).
+        est = estimate(job, url, out, "--sample", f"{percent:g}%", "--seed", str(seed))
+        n = est["output_tokens"]["sampled"]
         sampled_stats = server_stats(url)
         code, summary = run(job, url, out)
         wall = time.monotonic() - t0

@@ -349,6 +349,13 @@ class BatchPlanner:
 
     def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
         """Planned rows for ``batch``, whose first row is input row ``start``."""
+        for planned, _ in self.plan_bodies(batch, start):
+            yield planned
+
+    def plan_bodies(
+        self, batch: pa.RecordBatch, start: int
+    ) -> Iterator[tuple[PlannedRow, dict[str, Any] | None]]:
+        """Planned rows with each body as a dict too (None when the row cannot be sent)."""
         ids = batch.column("custom_id").to_pylist()
         bodies = batch.column("body").to_pylist()
         for offset, (custom_id, text) in enumerate(zip(ids, bodies, strict=True)):
@@ -356,10 +363,11 @@ class BatchPlanner:
             row_id = str(index) if custom_id is None else str(custom_id)
             failure = self._unplannable(custom_id, text)
             if failure is not None:
-                yield PlannedRow(index, request_key(self.url, b"", row_id), None, failure)
+                yield PlannedRow(index, request_key(self.url, b"", row_id), None, failure), None
                 continue
-            encoded = encode_body(self.body(json.loads(text)))
-            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None)
+            body = self.body(json.loads(text))
+            encoded = encode_body(body)
+            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None), body
 
     def _unplannable(self, custom_id: Any, text: Any) -> str | None:
         if custom_id is None:

@@ -11,6 +11,7 @@ runs it alone.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -31,24 +32,57 @@ LOCAL_PRICE_URL = "http://127.0.0.1/v1"
 price, exactly as a --local run's embedded server does."""
 
 
-def _sample(job: JobSpec, *, local: bool, count: int, seed: int) -> JobSpec:
-    """Send ``count`` random rows of ``job``; their results land in the job's journal.
+MIN_SAMPLE_ROWS = 20
+"""A percentage sample is never smaller than this (or the whole job, if smaller): one or
+two answers say little about the spread of output lengths."""
 
-    Returns the job as the estimate should see it (pointed where the sample went).
+
+def parse_sample(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, float | None] | None:
+    """``--sample 50`` (rows) or ``--sample 2%`` (of the rows, at least MIN_SAMPLE_ROWS)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if text.endswith("%") and 0 < float(text[:-1]) <= 100:
+            return 0, float(text[:-1])
+        if not text.endswith("%") and int(text) >= 1:
+            return int(text), None
+    except ValueError:
+        pass
+    raise click.BadParameter(f"{value!r} is not a row count (like 50) or a percentage (like 2%).")
+
+
+def sample_rows(rows: int, count: int, percent: float | None) -> int:
+    """How many rows a ``--sample`` sends out of ``rows``."""
+    if percent is not None:
+        count = max(math.ceil(rows * percent / 100), MIN_SAMPLE_ROWS)
+    return min(count, rows)
+
+
+def _sample(
+    job: JobSpec, *, local: bool, size: tuple[int, float | None], seed: int
+) -> tuple[JobSpec, int]:
+    """Send random rows of ``job``; their results land in the job's journal.
+
+    Returns the job as the estimate should see it (pointed where the sample went) and the
+    number of rows sampled.
     """
     from pipeline.runner import Reporter, Runner, RunOptions
 
     api_key = _api_key(job, local=local)
     with _endpoint(job, local=local) as target:
         scan = Runner(target, api_key=None).prepare()
-        rows = random.Random(seed).sample(range(scan.rows), min(count, scan.rows))
+        count = sample_rows(scan.rows, *size)
+        rows = random.Random(seed).sample(range(scan.rows), count)
         options = RunOptions(select_rows=frozenset(rows), write_output=False)
         runner = Runner(target, api_key=api_key, options=options, reporter=Reporter())
         click.echo(f"sampling {len(rows):,} row(s) of {scan.rows:,} (seed {seed})...", err=True)
         anyio.run(runner.run, scan, backend_options=_loop_options())
     if local:
-        return apply_overrides(target, Overrides(base_url=LOCAL_PRICE_URL))
-    return target
+        return apply_overrides(target, Overrides(base_url=LOCAL_PRICE_URL)), count
+    return target, count
 
 
 @click.command(name="estimate")
@@ -62,8 +96,10 @@ def _sample(job: JobSpec, *, local: bool, count: int, seed: int) -> JobSpec:
 )
 @click.option(
     "--sample",
-    type=click.IntRange(min=1),
-    help="Really send N random rows first to measure output length (not sent again later).",
+    callback=parse_sample,
+    metavar="N|P%",
+    help="Really send N random rows (or P% of them, at least 20) first to measure output "
+    "length; they are not sent again later.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
 @click.option(
@@ -82,7 +118,7 @@ def estimate(
     limit: int | None,
     base_url: str | None,
     run_output: str | None,
-    sample: int | None,
+    sample: tuple[int, float | None] | None,
     seed: int,
     per_row: Path | None,
     as_json: bool,
@@ -98,8 +134,7 @@ def estimate(
         raise UsageError(f"--output {per_row}: per-row estimates are written as .parquet.")
     sampled = 0
     if sample:
-        job = _sample(job, local=local, count=sample, seed=seed)
-        sampled = sample
+        job, sampled = _sample(job, local=local, size=sample, seed=seed)
     elif local:
         job = apply_overrides(job, Overrides(base_url=LOCAL_PRICE_URL, identity=LOCAL_IDENTITY))
     result = estimate_job(job, per_row=per_row, sampled=sampled)
@@ -151,6 +186,13 @@ def _row_lines(e: Estimate, *, local: bool) -> list[tuple[str, str]]:
     ]
     if done:
         lines.append(("input tokens to send", f"{e.input_tokens_to_send:,}"))
+    if e.input_tokens_billed_expected > e.input_tokens_to_send:
+        lines.append(
+            (
+                "input tokens billed",
+                f"{e.input_tokens_billed_expected:,} expected (prompts sent again, as observed)",
+            )
+        )
     lines.append(("cached-prefix tokens", f"{e.cached_prefix_tokens:,} (64-token blocks)"))
     return lines
 

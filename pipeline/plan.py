@@ -63,6 +63,14 @@ class Planner:
 
     def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
         """Planned rows for ``batch``, whose first row is input row ``start``."""
+        for planned, _ in self.plan_bodies(batch, start):
+            yield planned
+
+    def plan_bodies(
+        self, batch: pa.RecordBatch, start: int
+    ) -> Iterator[tuple[PlannedRow, dict[str, Any] | None]]:
+        """Planned rows with each body as a dict too (None when the row cannot be sent):
+        what counting the prompts needs, without decoding the JSON just encoded."""
         rows: list[dict[str, Any]] = batch.to_pylist()
         for offset, row in enumerate(rows):
             index = start + offset
@@ -70,10 +78,10 @@ class Planner:
             body = self.template.body(row)
             if isinstance(body, RenderFailure):
                 key = request_key(self.url, b"", row_id)
-                yield PlannedRow(index, key, None, body.reason)
+                yield PlannedRow(index, key, None, body.reason), None
                 continue
             encoded = encode_body(body)
-            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None)
+            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None), body
 
 
 def with_prompt_tokens(rows: list[PlannedRow]) -> list[PlannedRow]:

@@ -47,21 +47,19 @@ class PrefixCache:
         that an earlier prompt already sent (and the cache still holds). Every whole block of
         ``ids`` is remembered afterwards, the hit ones refreshed as most recently used.
         """
-        size = self.block_tokens
-        whole = len(ids) - len(ids) % size
-        if whole == 0:
-            return 0
+        return self.lookup_and_add_blocks(block_fingerprints(ids, self.block_tokens))
+
+    def lookup_and_add_blocks(self, fingerprints: Sequence[int]) -> int:
+        """:meth:`lookup_and_add` for a prompt given by its :func:`block_fingerprints` (which
+        lets a caller drop the token ids as soon as they are fingerprinted)."""
         blocks = self._blocks
         capacity = self.capacity_blocks
-        as_tuple = tuple(ids[:whole])
-        chained = 0
         cached = 0
         hitting = True
-        for start in range(0, whole, size):
-            chained = hash((chained, as_tuple[start : start + size]))
+        for index, chained in enumerate(fingerprints):
             if hitting and chained in blocks:
                 blocks.move_to_end(chained)
-                cached = start + size
+                cached = (index + 1) * self.block_tokens
                 continue
             hitting = False
             if capacity:
@@ -70,3 +68,18 @@ class PrefixCache:
                 if len(blocks) > capacity:
                     blocks.popitem(last=False)
         return cached
+
+
+def block_fingerprints(ids: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> tuple[int, ...]:
+    """The chained fingerprints of the whole ``block_tokens``-token blocks of ``ids``: block
+    ``i``'s hashes block ``i - 1``'s with block ``i``'s ids."""
+    whole = len(ids) - len(ids) % block_tokens
+    if whole == 0:
+        return ()
+    as_tuple = tuple(ids[:whole])
+    chained = 0
+    found = []
+    for start in range(0, whole, block_tokens):
+        chained = hash((chained, as_tuple[start : start + block_tokens]))
+        found.append(chained)
+    return tuple(found)

@@ -313,9 +313,10 @@ class Runner:
             )
         return InputScan(files=files, rows=found.rows, columns=frozenset(BATCH_COLUMNS))
 
-    def _input_batches(
+    def input_batches(
         self, scan: InputScan, extra: tuple[str, ...] = ()
     ) -> Iterator[pa.RecordBatch]:
+        """The input in record batches of the columns planning needs (and ``extra``)."""
         if self.job.input.format == "openai-batch":
             return iter_batch_records(
                 scan.files[0].path, limit=self.job.input.limit, batch_rows=self.options.batch_rows
@@ -523,7 +524,7 @@ class Runner:
         work: ObjectSendStream[PlannedRow],
         results: ObjectSendStream[RowResult],
     ) -> None:
-        batches = self._input_batches(scan)
+        batches = self.input_batches(scan)
         cursor = _ResumeCursor(self)
         while True:
             step = await anyio.to_thread.run_sync(cursor.next_batch, batches)
@@ -936,7 +937,7 @@ class Runner:
         start = 0
         bucket = -1
         results: dict[str, RowResult] = {}
-        for batch in self._input_batches(scan, extra):
+        for batch in self.input_batches(scan, extra):
             matched: list[RowResult | None] = []
             for planned in self.planner.plan(batch, start):
                 if bucket_of(planned.row) != bucket:

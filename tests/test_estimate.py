@@ -19,13 +19,17 @@ from pipeline.estimate import (
     Observation,
     estimate_duration,
     output_interval,
+    plan_with_bodies,
     summarize,
     tokenize_bodies,
 )
-from pipeline.jobspec import load_job
+from pipeline.jobspec import Overrides, apply_overrides, load_job
 from pipeline.localserver import StatsClient
+from pipeline.prefix import BLOCK_TOKENS
 from pipeline.pricing import Usage
 from pipeline.records import RowResult
+from pipeline.runner import Runner
+from pipeline.sources import iter_batches
 from pipeline.state import JobState
 from pipeline.tokens import count_prompt_tokens
 
@@ -114,16 +118,51 @@ def test_tokenize_bodies_agrees_with_count_prompt_tokens() -> None:
             ],
         },
     ]
-    counts, ids, exact = tokenize_bodies(bodies)
+    counts, prefixes, exact = tokenize_bodies(bodies)
     assert counts == count_prompt_tokens(bodies)
     assert exact
-    assert ids[1] is not None
-    assert len(ids[1]) == counts[1]
+    assert prefixes[1] is not None
+    assert counts[1] > BLOCK_TOKENS
+    assert len(prefixes[1]) == counts[1] // BLOCK_TOKENS
+    assert prefixes[0] == ()
     other = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 40}]}]
-    counts, ids, exact = tokenize_bodies(other)
+    counts, prefixes, exact = tokenize_bodies(other)
     assert counts == count_prompt_tokens(other)
     assert not exact
-    assert ids == [None]
+    assert prefixes == [None]
+
+
+def test_tokenize_bodies_in_several_tokenizer_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.estimate.ENCODE_CHUNK", 3)
+    bodies: list[dict[str, Any]] = [
+        {
+            "model": "deepseek-v4-flash",
+            "messages": [{"role": "user", "content": f"Row {i}: " + "word " * (i * 13)}],
+        }
+        for i in range(10)
+    ]
+    counts, prefixes, exact = tokenize_bodies(bodies)
+    assert counts == count_prompt_tokens(bodies)
+    assert exact
+    assert [len(p or ()) for p in prefixes] == [c // BLOCK_TOKENS for c in counts]
+
+
+@pytest.mark.parametrize(
+    ("job", "data"),
+    [("jobs/label_reviews.toml", REVIEWS), ("jobs/summarize_articles.toml", ARTICLES)],
+)
+def test_plan_with_bodies_plans_as_the_planner(job: str, data: Path) -> None:
+    spec = apply_overrides(load_job(ROOT / job), Overrides(input=str(data)))
+    runner = Runner(spec, api_key=None)
+    scan = runner.prepare()
+    planner = runner.planner
+    start = 0
+    for batch in iter_batches(scan.files, planner.columns, limit=None, batch_rows=7):
+        planned, bodies = plan_with_bodies(planner, batch, start)
+        assert planned == list(planner.plan(batch, start))
+        assert bodies == [json.loads(row.body) for row in planned if row.body is not None]
+        start += batch.num_rows
+    assert start > 0
 
 
 # -- against the built-in server -------------------------------------------------------------
@@ -450,3 +489,63 @@ path = "out.parquet"
     assert words in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_a_percentage_sample_has_a_floor_and_a_count_is_taken_as_given() -> None:
+    from pipeline.cli_estimate import MIN_SAMPLE_ROWS, sample_rows
+
+    assert sample_rows(10_000, 0, 2.0) == 200
+    assert sample_rows(300, 0, 2.0) == MIN_SAMPLE_ROWS  # 6 rows would say little
+    assert sample_rows(12, 0, 2.0) == 12  # never more than the job has
+    assert sample_rows(300, 5, None) == 5
+    code, output = run_estimate(str(ROOT / "jobs/label_reviews.toml"), "--sample", "2x")
+    assert code == 2
+    assert "is not a row count (like 50) or a percentage (like 2%)" in output
+
+
+def test_re_asked_prompts_seen_in_history_count_in_the_expected_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_server: Callable[..., str]
+) -> None:
+    """A structured job re-asks invalid answers: the prompts it sends again are billed, and
+    an estimate after a sample expects them."""
+    monkeypatch.chdir(tmp_path)
+    job = str(ROOT / "jobs/label_reviews_structured.toml")
+    base = local_server(latency_ms=1, invalid_json_rate=0.5)
+    reviews = ("--input", str(REVIEWS))
+    code, output = run_estimate(job, *reviews, "--base-url", base, "--sample", "40")
+    assert code == 0, output
+    data = estimate_json(job, *reviews, "--base-url", base)
+    assert data["rows"]["to_send"] == 260
+    tokens = data["input_tokens"]
+    journal = JobState(load_job(job).output.state_path).journal
+    sampled = list(journal.iter_results())
+    reasks = sum(r.reasks for r in sampled)
+    assert reasks > 0  # at rate 0.5, some of the 40 were asked again
+    assert tokens["billed_expected"] > tokens["to_send"]
+    # the observed ratio of billed to first-attempt prompt tokens, applied to the rest
+    ratio = tokens["billed_expected"] / tokens["to_send"]
+    assert 1 + reasks / 80 < ratio < 1 + 2 * reasks / 40
+
+
+def test_an_openai_batch_file_is_estimated_like_any_job(tmp_path: Path) -> None:
+    job = tmp_path / "batch.toml"
+    job.write_text(
+        f"""
+name = "batch"
+[input]
+path = "{ROOT / "data/sample/openai_batch.jsonl"}"
+format = "openai-batch"
+[request]
+base_url = "http://127.0.0.1:9/v1"
+model = "deepseek-v4-flash"
+[output]
+path = "{tmp_path / "out.parquet"}"
+"""
+    )
+    data = estimate_json(str(job))
+    assert data["rows"]["total"] == 2
+    bodies = [
+        {**json.loads(line)["body"], "model": "deepseek-v4-flash"}
+        for line in (ROOT / "data/sample/openai_batch.jsonl").read_text().splitlines()
+    ]
+    assert data["input_tokens"]["total"] == sum(count_prompt_tokens(bodies))
