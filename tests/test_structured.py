@@ -275,3 +275,46 @@ def test_thinking_keys_reach_the_body_the_way_deepseek_expects(tmp_path: Path) -
     assert any("thinking is on and max_tokens is 64" in w for w in runner.warnings())
     off = _job(tmp_path, request='thinking = "disabled"', output="")
     assert Runner(off, api_key=None).warnings() == []
+
+
+def test_order_prefix_sends_rows_that_share_a_prefix_together(tmp_path: Path) -> None:
+    """Rows alternate between two long shared prefixes; with order = "prefix" each prefix's
+    rows go out one after another within each input batch (2,048 rows by default)."""
+    heads = ["A" * 300, "B" * 300]
+    pq.write_table(
+        pa.table({"text": [f"{heads[i % 2]} item {i}" for i in range(10)]}),
+        tmp_path / "in.parquet",
+    )
+    sent: list[str] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["messages"][-1]["content"][0])
+        return _answer("ok")
+
+    def run_with(order: str) -> list[str]:
+        sent.clear()
+        job = parse_job(
+            f"""
+name = "order-{order}"
+[input]
+path = "{tmp_path / "in.parquet"}"
+[request]
+base_url = "http://127.0.0.1:9/v1"
+model = "deepseek-v4-flash"
+prompt = "{{text}}"
+order = "{order}"
+[limits]
+max_in_flight = 1
+[output]
+path = "{tmp_path / order}.parquet"
+""",
+            tmp_path / "order.toml",
+        )
+        _run(job, provider)
+        out = pl.read_parquet(tmp_path / f"{order}.parquet")
+        assert out["id"].to_list() == list(range(10))  # the output keeps input order
+        return list(sent)
+
+    assert run_with("input") == ["A", "B"] * 5
+    # _run reads batches of 5 rows: A B A B A | B A B A B, each sorted by its prompts
+    assert run_with("prefix") == ["A", "A", "A", "B", "B", "A", "A", "B", "B", "B"]
