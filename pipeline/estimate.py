@@ -377,7 +377,7 @@ def read_history(journal: Journal, limit: int = HISTORY_LIMIT) -> list[Observati
     """
     heap: list[tuple[int, int, Observation]] = []
     for seq, result in enumerate(journal.iter_results()):
-        if result.status != "ok" and result.finish_reason is None:
+        if result.status == "stopped" or (result.status != "ok" and result.finish_reason is None):
             continue
         item = (
             result.run,

@@ -139,7 +139,8 @@ class Journal:
                 record = RowResult.from_json(data)
             except (ValueError, KeyError, TypeError):
                 continue
-            results[record.key] = record
+            if record.status != "stopped":  # billed attempts of an unfinished row
+                results[record.key] = record
         return results
 
     def bucket_status(self, bucket: int) -> dict[str, str]:

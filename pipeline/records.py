@@ -10,7 +10,10 @@ from typing import Any, Literal
 
 from pipeline.pricing import ZERO_USAGE, Usage
 
-Status = Literal["ok", "failed"]
+Status = Literal["ok", "failed", "stopped"]
+"""``stopped``: a row a stop (Ctrl-C, the budget) interrupted after attempts that were
+billed. Not the row's result (the next run sends the row again), but a record of what those
+attempts cost, so that every billed attempt is accounted."""
 
 
 @dataclass(frozen=True, slots=True)

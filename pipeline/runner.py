@@ -626,7 +626,7 @@ class Runner:
             except NeverFitsError as exc:
                 return self._finish(planned, row, None, error=f"not sent: {exc.reason}")
             except _OverBudget:
-                return None
+                return self._abandon(planned, row)
             row.attempts += 1
             if attempt.ok:
                 result = self._judge(planned, row, attempt, stats)
@@ -650,13 +650,30 @@ class Runner:
             )
             if isinstance(decision, retry.StopJob):
                 self._stop_for_auth(decision.reason)
-                return None
+                return self._abandon(planned, row)
             if isinstance(decision, retry.GiveUp):
                 return self._finish(planned, row, attempt, error=decision.reason)
             stats.retries += 1
             await anyio.sleep(decision.after_s)
             if self._stopping:
-                return None
+                return self._abandon(planned, row)
+
+    def _abandon(self, planned: PlannedRow, row: _RowProgress) -> RowResult | None:
+        """A row the job stops before it is done: nothing to record unless attempts were
+        billed; then a ``stopped`` record keeps their cost (the row is sent again later)."""
+        if row.usage == ZERO_USAGE:
+            return None
+        return RowResult(
+            key=planned.key,
+            row=planned.row,
+            status="stopped",
+            usage=row.usage,
+            cost_usd=row.cost if self.price is not None else None,
+            attempts=row.attempts,
+            error="stopped before it finished; the next run sends it again",
+            reasks=row.reasks,
+            run=self._run_id,
+        )
 
     def _judge(
         self, planned: PlannedRow, row: _RowProgress, attempt: Attempt, stats: RunStats
@@ -898,6 +915,8 @@ class Runner:
         """Count ``results`` into their batches' tracks; seals for the batches now finished."""
         seals: list[Seal] = []
         for result in results:
+            if result.status == "stopped":
+                continue  # not finished: its batch is not sealed
             index = bisect.bisect_right(self._track_starts, result.row) - 1
             if index < 0:
                 continue

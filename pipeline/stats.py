@@ -91,7 +91,7 @@ class RunStats:
     def add_result(self, result: RowResult) -> None:
         if result.status == "ok":
             self.ok += 1
-        else:
+        elif result.status == "failed":
             self.failed += 1
             if result.finish_reason == "length":
                 self.truncated += 1

@@ -212,3 +212,48 @@ def test_every_billed_attempt_counts_and_costs_split_by_kind(tmp_path: Path) -> 
     by_kind = document["this_run"]["cost_by_kind_usd"]
     assert Decimal(by_kind["output"]) == parts.output
     assert document["tokens"]["input_cached"] == 40
+
+
+def test_billed_attempts_of_a_row_a_stop_interrupts_are_kept_and_the_row_is_sent_again(
+    tmp_path: Path,
+) -> None:
+    """A row whose first answer was billed but unusable, then stopped before its retry: the
+    cost is recorded (a ``stopped`` record), the row is not taken as done, and the next run
+    finishes it."""
+    job = _job(tmp_path, rows=3)
+    runner_box: list[Runner] = []
+    calls = Counter[str]()
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        text = json.loads(request.content)["messages"][-1]["content"]
+        calls[text] += 1
+        if text == "t1" and calls[text] == 1:
+            runner_box[0].stop()  # Ctrl-C while this billed, unusable answer comes back
+            usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS}
+            return httpx.Response(200, json={"choices": [], "usage": usage})
+        return _reply(request)
+
+    runner = Runner(
+        job,
+        api_key=None,
+        options=RunOptions(batch_rows=16),
+        transport=httpx.MockTransport(provider),
+        rng=random.Random(3),
+    )
+    runner_box.append(runner)
+    first = anyio.run(runner.run, runner.prepare())
+    assert first.interrupted
+    stopped = [
+        r for r in JobState(job.output.state_path).journal.iter_results() if r.status == "stopped"
+    ]
+    assert [(r.row, r.usage.prompt_tokens, r.attempts) for r in stopped] == [(1, PROMPT_TOKENS, 1)]
+    assert first.final.usage.prompt_tokens >= PROMPT_TOKENS  # counted in this run's spend
+    assert first.suspects is None
+
+    second = _run(job, provider)
+    assert not second.interrupted
+    assert calls["t1"] == 2  # sent again: a stopped row is not done
+    out = pq.read_table(job.output.path).to_pylist()
+    assert [row["status"] for row in out] == ["ok", "ok", "ok"]
+    spent = JobState(job.output.state_path).spent_usd()
+    assert spent == first.final.cost_usd + second.final.cost_usd
