@@ -18,12 +18,10 @@ sizes, never by the number of rows.
 
 from __future__ import annotations
 
-import bisect
-import json
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -39,9 +37,10 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline import retry
+from pipeline.answers import AnswerRules, AskAgain, Fail, judge
 from pipeline.batchfile import BATCH_COLUMNS, BatchPlanner, iter_batch_records, scan_batch_file
 from pipeline.budget import Budget
-from pipeline.client import Attempt, ChatClient, Reply
+from pipeline.client import Attempt, ChatClient
 from pipeline.errors import AuthError, JobFileError, PipelineError, ProviderError, StateError
 from pipeline.intents import IntentLog
 from pipeline.jobspec import JobSpec
@@ -54,19 +53,18 @@ from pipeline.limits import (
     parse_rate_limit_headers,
 )
 from pipeline.models import model_facts
-from pipeline.plan import PlannedRow, Planner, with_prompt_tokens
+from pipeline.plan import PlannedRow, Planner
 from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, price_at, resolve_price
-from pipeline.records import RowResult, ToolCall
+from pipeline.records import RowResult
 from pipeline.redact import redact
-from pipeline.schema import Invalid
-from pipeline.seals import Seal, SealBook, batch_digest
+from pipeline.resume import ResumeCursor, Tracks
+from pipeline.seals import Seal, SealBook
 from pipeline.sinks import RESULT_COLUMNS, OutputWriter
 from pipeline.sources import InputScan, iter_batches, resolve_input, scan_input
 from pipeline.state import COMPLETED, FAILED, INTERRUPTED, OVER_BUDGET, JobState, Suspects
 from pipeline.stats import RunStats, Snapshot
 from pipeline.summary import run_summary, write_summary
-from pipeline.templating import RequestTemplate, encode_body
-from pipeline.tokens import heuristic_tokens
+from pipeline.templating import RequestTemplate
 
 RESULT_BATCH = 1024
 THINKING_MIN_TOKENS = 1024
@@ -260,14 +258,20 @@ class Runner:
         )
         facts = model_facts(job.request.model)
         self._max_output = job.request.max_tokens or (facts.max_output if facts else None)
+        self.rules = AnswerRules(
+            schema=job.output.schema,
+            schema_from_tool=job.output.schema_from_tool,
+            max_reasks=job.output.max_reasks,
+            max_tokens=job.request.max_tokens,
+            thinking=job.request.thinking,
+        )
         self.budget: Budget | None = None
         self._settled: anyio.Event | None = None
         """Set (and replaced) whenever a reservation settles: budget waiters look again."""
         self.state = JobState(job.output.state_path)
         self.journal = self.state.journal
         self.seals = SealBook(self.state.folder)
-        self._tracks: dict[int, _Track] = {}
-        self._track_starts: list[int] = []
+        self._tracks = Tracks()
         self._run_id = 0
         self._fatal: PipelineError | None = None
         self._answered = False
@@ -525,17 +529,22 @@ class Runner:
         results: ObjectSendStream[RowResult],
     ) -> None:
         batches = self.input_batches(scan)
-        cursor = _ResumeCursor(self)
+        cursor = ResumeCursor(
+            planner=self.planner,
+            journal=self.journal,
+            seals=self.seals,
+            retry_failed=self.options.retry_failed,
+            select_rows=self.options.select_rows,
+            by_prefix=self.job.request.order == "prefix",
+        )
         while True:
             step = await anyio.to_thread.run_sync(cursor.next_batch, batches)
             if step is None:
                 return
-            pending, resumed_ok, resumed_failed, track = step
-            stats.add_resumed(ok=resumed_ok, failed=resumed_failed)
-            if track is not None:
-                self._tracks[track.start] = track
-                self._track_starts.append(track.start)
-            for planned in pending:
+            stats.add_resumed(ok=step.resumed_ok, failed=step.resumed_failed)
+            if step.track is not None:
+                self._tracks.add(step.track)
+            for planned in step.pending:
                 if planned.failure is not None:
                     await results.send(self._unrenderable(planned))
                 else:
@@ -681,48 +690,19 @@ class Runner:
         """The row's result from an answer; None after preparing a re-ask of a bad answer."""
         reply = attempt.reply
         assert reply is not None
-        if reply.finish_reason == "length":
-            limit = self.job.request.max_tokens
-            budget = f"max_tokens ({limit:,})" if limit else "the model's output limit"
-            why = (
-                " with thinking on, reasoning spends it first" if self.job.request.thinking else ""
-            )
-            return self._finish(
-                planned,
-                row,
-                attempt,
-                error=f"truncated: the answer reached {budget}{why}; raise max_tokens and run "
-                "again with --retry-failed",
-            )
-        schema = self.job.output.schema
-        if schema is None:
-            return self._finish(planned, row, attempt, error=None)
-        call = self._schema_call(reply)
-        if self.job.output.schema_from_tool is not None and call is None:
-            checked: Mapping[str, Any] | Invalid = Invalid(
-                f"the answer did not call {self.job.output.schema_from_tool}()"
-            )
-        else:
-            checked = schema.check(call.arguments if call is not None else reply.content or "")
-        if not isinstance(checked, Invalid):
-            return self._finish(planned, row, attempt, error=None, structured=checked)
-        if row.reasks >= self.job.output.max_reasks:
-            tries = f"after {row.reasks} re-ask(s)" if row.reasks else "(re-asks are off)"
-            return self._finish(
-                planned, row, attempt, error=f"invalid answer {tries}: {checked.reason}"
-            )
-        row.reasks += 1
-        stats.reasks += 1
-        row.body, added = reask_body(row.body, reply, call, schema.reask(checked.reason))
-        row.prompt_tokens += heuristic_tokens(added) + reply_tokens(attempt)
-        return None
-
-    def _schema_call(self, reply: Reply) -> ToolCall | None:
-        """The tool call whose arguments are the structured answer, if the job uses one."""
-        name = self.job.output.schema_from_tool
-        if name is None:
+        output = 0 if attempt.usage is None else attempt.usage.completion_tokens
+        verdict = judge(
+            reply, body=row.body, reasks=row.reasks, output_tokens=output, rules=self.rules
+        )
+        if isinstance(verdict, AskAgain):
+            row.reasks += 1
+            stats.reasks += 1
+            row.body = verdict.body
+            row.prompt_tokens += verdict.added_tokens
             return None
-        return next((call for call in reply.tool_calls if call.name == name), None)
+        if isinstance(verdict, Fail):
+            return self._finish(planned, row, attempt, error=verdict.error)
+        return self._finish(planned, row, attempt, error=None, structured=verdict.structured)
 
     async def _attempt(
         self,
@@ -901,7 +881,7 @@ class Runner:
                         batch.append(results.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                finished = self._finished_batches(batch)
+                finished = self._tracks.finish(batch)
                 await anyio.to_thread.run_sync(self._commit, batch, finished)
                 for result in batch:
                     stats.add_result(result)
@@ -910,37 +890,6 @@ class Runner:
         """Make results durable, then seal the batches they finished."""
         self.journal.append_results(results)
         self.seals.append(seals)
-
-    def _finished_batches(self, results: list[RowResult]) -> list[Seal]:
-        """Count ``results`` into their batches' tracks; seals for the batches now finished."""
-        seals: list[Seal] = []
-        for result in results:
-            if result.status == "stopped":
-                continue  # not finished: its batch is not sealed
-            index = bisect.bisect_right(self._track_starts, result.row) - 1
-            if index < 0:
-                continue
-            track = self._tracks.get(self._track_starts[index])
-            if track is None or result.row >= track.start + track.rows:
-                continue
-            track.remaining -= 1
-            if result.status == "ok":
-                track.ok += 1
-            else:
-                track.failed += 1
-            if track.remaining == 0:
-                seals.append(
-                    Seal(
-                        start=track.start,
-                        rows=track.rows,
-                        digest=track.digest,
-                        ok=track.ok,
-                        failed=track.failed,
-                    )
-                )
-                del self._tracks[track.start]
-                self._track_starts.remove(track.start)
-        return seals
 
     # -- the output ---------------------------------------------------------------------
 
@@ -1021,136 +970,3 @@ class _RowProgress:
         if paid is not None:
             self.cost += paid
         return paid
-
-
-def reply_tokens(attempt: Attempt) -> int:
-    """Output tokens of an answer, which a re-ask sends back as part of its prompt."""
-    return 0 if attempt.usage is None else attempt.usage.completion_tokens
-
-
-def reask_body(body: bytes, reply: Reply, call: ToolCall | None, message: str) -> tuple[bytes, str]:
-    """The body that asks again: the conversation so far, the bad answer, and what was wrong
-    with it (as a tool result when the answer was a tool call). Returns the body and the text
-    it added."""
-    request = json.loads(body)
-    messages = list(request["messages"])
-    if call is not None:
-        messages.append(
-            {
-                "role": "assistant",
-                "content": reply.content or "",
-                "tool_calls": [
-                    {
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": call.arguments},
-                    }
-                ],
-            }
-        )
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": message})
-    else:
-        messages.append({"role": "assistant", "content": reply.content or ""})
-        messages.append({"role": "user", "content": message})
-    request["messages"] = messages
-    return encode_body(request), message
-
-
-@dataclass(slots=True)
-class _Track:
-    """A batch whose rows are on their way; sealed once each has a durable result."""
-
-    start: int
-    rows: int
-    digest: str
-    remaining: int
-    ok: int
-    failed: int
-
-
-class _ResumeCursor:
-    """Walks the input in a worker thread: plans each batch and splits it into the rows to
-    send (prompts counted) and the rows an earlier run already finished. A batch sealed by an
-    earlier run, and unchanged since, is skipped without planning (see pipeline.seals)."""
-
-    def __init__(self, runner: Runner) -> None:
-        self._runner = runner
-        self._start = 0
-        self._bucket = -1
-        self._earlier: dict[str, str] = {}
-        self._seals: dict[int, Seal] | None = None
-        self._fingerprint = runner.planner.fingerprint
-
-    def next_batch(
-        self, batches: Iterator[pa.RecordBatch]
-    ) -> tuple[list[PlannedRow], int, int, _Track | None] | None:
-        """The next batch's rows to send, how many earlier runs finished ok / failed, and
-        the batch's track (None when it was skipped as sealed)."""
-        batch = next(batches, None)
-        if batch is None:
-            return None
-        runner = self._runner
-        if self._seals is None:
-            self._seals = runner.seals.read()
-        start, rows = self._start, batch.num_rows
-        self._start += rows
-        select = runner.options.select_rows
-        if select is not None:
-            return self._selected(batch, start, select)
-        digest = batch_digest(self._fingerprint, batch)
-        seal = self._seals.get(start)
-        if (
-            seal is not None
-            and seal.rows == rows
-            and seal.digest == digest
-            and not (seal.failed and runner.options.retry_failed)
-        ):
-            return [], seal.ok, seal.failed, None
-        pending, resumed_ok, resumed_failed = self._split(runner.planner.plan(batch, start))
-        if not pending:
-            # Every row already has a durable result: seal it for the next resume.
-            done = Seal(start=start, rows=rows, digest=digest, ok=resumed_ok, failed=resumed_failed)
-            runner.seals.append([done])
-            return [], resumed_ok, resumed_failed, None
-        track = _Track(
-            start=start,
-            rows=rows,
-            digest=digest,
-            remaining=len(pending),
-            ok=resumed_ok,
-            failed=resumed_failed,
-        )
-        return with_prompt_tokens(pending), resumed_ok, resumed_failed, track
-
-    def _selected(
-        self, batch: pa.RecordBatch, start: int, select: frozenset[int]
-    ) -> tuple[list[PlannedRow], int, int, _Track | None]:
-        """Only the selected rows of a batch; never sealed, since the others stay unsent."""
-        if not any(row in select for row in range(start, start + batch.num_rows)):
-            return [], 0, 0, None
-        planned = self._runner.planner.plan(batch, start)
-        pending, resumed_ok, resumed_failed = self._split(p for p in planned if p.row in select)
-        return with_prompt_tokens(pending), resumed_ok, resumed_failed, None
-
-    def _split(self, planned: Iterable[PlannedRow]) -> tuple[list[PlannedRow], int, int]:
-        """The rows to send, and how many an earlier run finished ok / failed."""
-        runner = self._runner
-        pending: list[PlannedRow] = []
-        resumed_ok = resumed_failed = 0
-        for row in planned:
-            if bucket_of(row.row) != self._bucket:
-                self._bucket = bucket_of(row.row)
-                self._earlier = runner.journal.bucket_status(self._bucket)
-            status = self._earlier.get(row.key)
-            if status == "ok":
-                resumed_ok += 1
-            elif status is not None and not runner.options.retry_failed:
-                resumed_failed += 1
-            else:
-                pending.append(row)
-        if runner.job.request.order == "prefix":
-            # Bodies are canonical JSON whose messages come in order, so sorting them puts
-            # rows that share a system prompt and prompt prefix next to each other: the
-            # provider's prefix cache then serves the shared part (bounded by one batch).
-            pending.sort(key=lambda planned: planned.body or b"")
-        return pending, resumed_ok, resumed_failed
