@@ -287,7 +287,10 @@ def status(
         base_url=base_url,
         identity=LOCAL_IDENTITY if local else None,
     )
-    runner = Runner(apply_overrides(load_job(job_file), overrides), api_key=None)
+    job = _load_job_or_batch(
+        job_file, model=None, max_in_flight=None, api_key_env=None, base_url=None, local=True
+    )
+    runner = Runner(apply_overrides(job, overrides), api_key=None)
     report = job_status(runner, runner.prepare())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -20,10 +20,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli import LOCAL_IDENTITY, _api_key, _endpoint, _loop_options, _report_errors
+from pipeline.cli import (
+    LOCAL_IDENTITY,
+    _api_key,
+    _endpoint,
+    _load_job_or_batch,
+    _loop_options,
+    _report_errors,
+)
 from pipeline.errors import UsageError
 from pipeline.estimate import CostFigures, Estimate, estimate_job
-from pipeline.jobspec import JobSpec, Overrides, apply_overrides, load_job
+from pipeline.jobspec import JobSpec, Overrides, apply_overrides
 from pipeline.progress import duration as clock
 from pipeline.progress import money
 
@@ -127,7 +134,9 @@ def estimate(
     if local and base_url:
         raise click.UsageError("--local and --base-url cannot be used together.")
     job = apply_overrides(
-        load_job(job_file),
+        _load_job_or_batch(
+            job_file, model=None, max_in_flight=None, api_key_env=None, base_url=None, local=True
+        ),
         Overrides(input=input_path, output=run_output, base_url=base_url, limit=limit),
     )
     if per_row is not None and per_row.suffix.lower() != ".parquet":
@@ -272,7 +281,7 @@ def print_estimate(
     if e.sampled:
         console.print(f"{e.sampled:,} rows sampled; they will not be sent again.")
     for line in e.warnings:
-        console.print(f"[yellow]warning: {line}[/yellow]")
+        console.print(f"warning: {line}", style="yellow", markup=False)
 
 
 if __name__ == "__main__":

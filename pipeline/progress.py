@@ -9,6 +9,7 @@ from typing import TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -88,16 +89,20 @@ class LiveReporter(Reporter):
             resolve_price(job.request.base_url, job.request.model, job.pricing) is not None
         )
         files = len(scan.files)
+        name, url, model = (
+            escape(text) for text in (job.name, job.request.base_url, job.request.model)
+        )
         self.console.print(
-            f"[bold]{job.name}[/bold]: {scan.rows:,} rows from {files} file"
-            f"{'s' if files != 1 else ''} -> {job.request.base_url} "
-            f"({job.request.model}), up to {job.limits.max_in_flight} in flight"
+            f"[bold]{name}[/bold]: {scan.rows:,} rows from {files} file"
+            f"{'s' if files != 1 else ''} -> {url} ({model}), up to "
+            f"{job.limits.max_in_flight} in flight"
         )
         if not self._price_known:
             self.console.print(
-                f"[yellow]No price is known for {job.request.model} at "
-                f"{job.request.base_url}: costs will show as unknown. Add a \\[pricing] table "
-                "to the job to track spend.[/yellow]"
+                f"No price is known for {job.request.model} at {job.request.base_url}: costs "
+                "will show as unknown. Add a [pricing] table to the job to track spend.",
+                style="yellow",
+                markup=False,
             )
         if self.live_mode:
             self._live = Live(console=self.console, refresh_per_second=4, transient=True)
@@ -123,14 +128,13 @@ class LiveReporter(Reporter):
         pct = 100 * s.done / max(s.total_rows, 1)
         self.console.print(
             f"[{self._job}] {s.done:,}/{s.total_rows:,} rows ({pct:.1f}%) · "
-            + figures(s, price_known=self._price_known)
+            + figures(s, price_known=self._price_known),
+            markup=False,
         )
 
     def notice(self, message: str) -> None:
-        if self._live is not None:
-            self._live.console.print(f"[yellow]{message}[/yellow]")
-        else:
-            self.console.print(f"[yellow]{message}[/yellow]")
+        console = self._live.console if self._live is not None else self.console
+        console.print(message, style="yellow", markup=False)
 
     def finish(self, report: RunReport) -> None:
         self.close()
