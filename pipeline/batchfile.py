@@ -40,15 +40,13 @@ error file) so the export has exactly one line per input row.
 from __future__ import annotations
 
 import array
-import gzip
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -64,6 +62,7 @@ from pipeline.jobspec import (
     RequestSpec,
 )
 from pipeline.plan import PlannedRow
+from pipeline.sources import json_lines, open_text
 from pipeline.templating import encode_body, request_key
 
 BATCH_COLUMNS = ("custom_id", "body")
@@ -89,10 +88,8 @@ def _is_jsonl_name(path: Path) -> bool:
     return name.endswith((".jsonl", ".jsonl.gz"))
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+def _gzipped(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
 
 
 def looks_like_batch_file(path: Path) -> bool:
@@ -103,7 +100,7 @@ def looks_like_batch_file(path: Path) -> bool:
     if not _is_jsonl_name(path) or not path.is_file():
         return False
     try:
-        with _open_text(path) as handle:
+        with open_text(path, gzipped=_gzipped(path)) as handle:
             for line in handle:
                 if line.strip():
                     first = json.loads(line)
@@ -125,6 +122,10 @@ class _Request:
 
 def _problem(path: Path, line: int, text: str) -> InputError:
     return InputError(path, f"line {line}: {text}")
+
+
+def _not_json(path: Path, line: int, detail: str) -> InputError:
+    return _problem(path, line, f"is not valid JSON ({detail}); fix that line.")
 
 
 def _check_line(path: Path, number: int, record: Any) -> _Request:
@@ -174,25 +175,11 @@ def _requests(path: Path, limit: int | None) -> Iterator[_Request]:
     """Each checked request of the file, in order, up to ``limit`` requests."""
     if limit is not None and limit <= 0:
         return
-    count = 0
-    try:
-        with _open_text(path) as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError) as exc:
-                    detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                    raise _problem(
-                        path, number, f"is not valid JSON ({detail}); fix that line."
-                    ) from None
-                yield _check_line(path, number, record)
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise InputError(path, f"cannot be read ({exc}).") from None
+    lines = json_lines(path, gzipped=_gzipped(path), not_json=_not_json)
+    for count, (number, record) in enumerate(lines, start=1):
+        yield _check_line(path, number, record)
+        if limit is not None and count >= limit:
+            return
 
 
 @dataclass(frozen=True, slots=True)

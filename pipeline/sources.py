@@ -17,7 +17,7 @@ import glob
 import gzip
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -88,30 +88,47 @@ def resolve_input(pattern: str, job_source: str) -> tuple[InputFile, ...]:
     return tuple(files)
 
 
-def _open_text(file: InputFile) -> IO[str]:
-    if file.gzipped:
-        return io.TextIOWrapper(gzip.open(file.path, "rb"), encoding="utf-8")
-    return file.path.open("r", encoding="utf-8")
+def open_text(path: Path, *, gzipped: bool) -> IO[str]:
+    """A UTF-8 text file, read through gzip when ``gzipped``."""
+    if gzipped:
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return path.open("r", encoding="utf-8")
 
 
-def _jsonl_records(file: InputFile) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a bad line is an :class:`InputError`."""
+def _not_json(path: Path, number: int, detail: str) -> InputError:
+    return InputError(path, f"line {number} is not valid JSON ({detail}). Fix that line.")
+
+
+def json_lines(
+    path: Path,
+    *,
+    gzipped: bool,
+    not_json: Callable[[Path, int, str], InputError] = _not_json,
+) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSON-lines file; a line that is not
+    JSON is the :class:`InputError` ``not_json`` words (file, line, parser's reason), a file
+    that cannot be read one naming it."""
     try:
-        with _open_text(file) as handle:
+        with open_text(path, gzipped=gzipped) as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(
-                        file.path, f"line {number} is not valid JSON ({exc.msg}). Fix that line."
-                    ) from None
-                if not isinstance(record, dict):
-                    raise InputError(file.path, f"line {number} is not a JSON object.")
-                yield number, record
+                    value = json.loads(line)
+                except (ValueError, RecursionError) as exc:
+                    detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    raise not_json(path, number, detail) from None
+                yield number, value
     except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise InputError(file.path, f"cannot be read ({exc}).") from None
+        raise InputError(path, f"cannot be read ({exc}).") from None
+
+
+def _jsonl_records(file: InputFile) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is an :class:`InputError`."""
+    for number, record in json_lines(file.path, gzipped=file.gzipped):
+        if not isinstance(record, dict):
+            raise InputError(file.path, f"line {number} is not a JSON object.")
+        yield number, record
 
 
 def _parquet(file: InputFile) -> pq.ParquetFile:
