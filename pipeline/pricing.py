@@ -253,10 +253,4 @@ def cost(usage: Usage, price: Price | None) -> Decimal | None:
     """Exact USD cost of ``usage`` at ``price``; ``None`` when the price is unknown."""
     if price is None:
         return None
-    uncached = usage.prompt_tokens - usage.cached_tokens
-    micro = (
-        uncached * price.input
-        + usage.cached_tokens * price.cached_input
-        + usage.completion_tokens * price.output
-    )
-    return micro / MILLION
+    return cost_parts(usage, price).total

@@ -15,12 +15,21 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.jobspec import JobSpec
+from pipeline.pricing import CostParts
 from pipeline.runner import Reporter, RunReport
 from pipeline.sources import InputScan
 from pipeline.stats import Snapshot
 from pipeline.status import JobStatus
 
 LOG_EVERY_S = 10.0
+
+
+def by_kind(parts: CostParts) -> str:
+    """Dollars by kind of token, for display."""
+    return (
+        f"input {money(parts.uncached_input)}, cached input {money(parts.cached_input)}, "
+        f"output {money(parts.output)}"
+    )
 
 
 def money(value: Decimal | None, *, known: bool = True) -> str:
@@ -170,11 +179,7 @@ def print_summary(console: Console, report: RunReport) -> None:
     table.add_row("cost (this run)", money(s.cost_usd, known=report.price_known))
     parts = s.cost_parts
     if parts is not None and report.price_known and parts.total:
-        table.add_row(
-            "  by kind",
-            f"input {money(parts.uncached_input)}, cached input {money(parts.cached_input)}, "
-            f"output {money(parts.output)}",
-        )
+        table.add_row("  by kind", by_kind(parts))
     if report.budget is not None:
         budget = report.budget
         stopped = " (stopped: the next request could pass it)" if report.over_budget else ""
@@ -222,11 +227,7 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
     table.add_row("cost so far", money(status.spent_usd))
     parts = status.spent_parts
     if parts is not None and parts.total:
-        table.add_row(
-            "  by kind",
-            f"input {money(parts.uncached_input)}, cached input {money(parts.cached_input)}, "
-            f"output {money(parts.output)} (at today's price)",
-        )
+        table.add_row("  by kind", f"{by_kind(parts)} (at today's price)")
     last = status.last_run
     if last is None:
         table.add_row("last run", "none yet")

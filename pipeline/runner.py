@@ -112,6 +112,13 @@ class RunReport:
     def all_ok(self) -> bool:
         return self.final.failed == 0 and self.final.resumed_failed == 0
 
+    @property
+    def how(self) -> str:
+        """How the run ended: ``completed``, ``interrupted`` or ``over_budget``."""
+        if self.interrupted:
+            return INTERRUPTED
+        return OVER_BUDGET if self.over_budget else COMPLETED
+
 
 class Reporter:
     """Receives the run's figures; the default does nothing (see :mod:`pipeline.progress`)."""
@@ -348,11 +355,7 @@ class Runner:
             summary: dict[str, Any] = {}
             try:
                 report = await self._run(scan, suspects)
-                how = COMPLETED
-                if report.interrupted:
-                    how = INTERRUPTED
-                elif report.over_budget:
-                    how = OVER_BUDGET
+                how = report.how
                 summary = run_summary(report)
             finally:
                 worst = self._unanswered_worst
@@ -839,16 +842,22 @@ class Runner:
         self._unreachable += 1
         if self._unreachable < UNREACHABLE_AFTER:
             return False
-        if self._fatal is None:
-            self._fatal = ProviderError(
+        self._abort(
+            ProviderError(
                 f"cannot reach {self.url} ({detail}); {self._unreachable} attempts failed and "
                 "none was answered. Check [request] base_url (or --base-url) and the network; "
                 "run the job again once the endpoint is up."
             )
+        )
+        return True
+
+    def _abort(self, error: PipelineError) -> None:
+        """Stop the whole job at once; the first error is the one the run raises."""
+        if self._fatal is None:
+            self._fatal = error
         self._stopping = True
         if self._work_scope is not None:
             self._work_scope.cancel()
-        return True
 
     def _stop_for_budget(self) -> None:
         """The next request would take the spend past the cap: send nothing new."""
@@ -857,17 +866,15 @@ class Runner:
             self.stop()
 
     def _stop_for_auth(self, reason: str) -> None:
-        if self._fatal is None:
-            variable = self.job.request.api_key_env
-            where = f"the key in ${variable}" if variable else "the request (no API key was set)"
-            self._fatal = AuthError(
+        variable = self.job.request.api_key_env
+        where = f"the key in ${variable}" if variable else "the request (no API key was set)"
+        self._abort(
+            AuthError(
                 f"the provider at {self.job.request.base_url} refused {where}: {reason}. "
                 "The job stopped; no further requests were sent. Fix the key and run the job "
                 "again: finished rows are kept."
             )
-        self._stopping = True
-        if self._work_scope is not None:
-            self._work_scope.cancel()
+        )
 
     async def _write(self, stats: RunStats, results: MemoryObjectReceiveStream[RowResult]) -> None:
         async with results:

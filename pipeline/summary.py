@@ -63,9 +63,7 @@ def write_summary(job: JobSpec, report: RunReport, summary: dict[str, Any]) -> P
     document = {
         "job": job.name,
         "run": report.run,
-        "ended": "interrupted"
-        if report.interrupted
-        else ("over_budget" if report.over_budget else "completed"),
+        "ended": report.how,
         "output": str(report.output),
         "state_dir": str(report.state_dir),
         "model": job.request.model,
