@@ -54,7 +54,16 @@ from pipeline.limits import (
 )
 from pipeline.models import model_facts
 from pipeline.plan import PlannedRow, Planner
-from pipeline.pricing import ZERO_USAGE, Price, Usage, cost, price_at, resolve_price
+from pipeline.pricing import (
+    ZERO_USAGE,
+    CostParts,
+    Price,
+    Usage,
+    cost,
+    cost_parts,
+    price_at,
+    resolve_price,
+)
 from pipeline.records import RowResult
 from pipeline.redact import redact
 from pipeline.resume import ResumeCursor, Tracks
@@ -745,8 +754,9 @@ class Runner:
                 self._answered = True
                 spent = Decimal(0)
             if attempt.usage is not None:
-                spent = row.bill(attempt.usage, price)
-                stats.add_billed(attempt.usage, price)
+                parts = None if price is None else cost_parts(attempt.usage, price)
+                spent = row.bill(attempt.usage, parts)
+                stats.add_billed(parts)
             if attempt.ok:
                 outcome = "ok"
             elif attempt.failure is retry.Failure.RATE_LIMITED:
@@ -970,10 +980,11 @@ class _RowProgress:
     usage: Usage = ZERO_USAGE
     cost: Decimal = Decimal(0)
 
-    def bill(self, usage: Usage, price: Price | None) -> Decimal | None:
-        """Count one billed answer; returns its cost (None when the price is unknown)."""
+    def bill(self, usage: Usage, parts: CostParts | None) -> Decimal | None:
+        """Count one billed answer costing ``parts``; returns its cost (None when the price
+        is unknown)."""
         self.usage = self.usage + usage
-        paid = cost(usage, price)
-        if paid is not None:
-            self.cost += paid
-        return paid
+        if parts is None:
+            return None
+        self.cost += parts.total
+        return parts.total

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pipeline.limits import Limiter, LimiterSnapshot
-from pipeline.pricing import ZERO_COST, ZERO_USAGE, CostParts, Price, Usage, cost_parts
+from pipeline.pricing import ZERO_COST, ZERO_USAGE, CostParts, Usage
 from pipeline.records import RowResult
 
 
@@ -101,10 +101,11 @@ class RunStats:
         else:
             self.cost_usd += result.cost_usd
 
-    def add_billed(self, usage: Usage, price: Price | None) -> None:
-        """One billed answer, priced at the price in effect when it was sent."""
-        if price is not None:
-            self.parts = self.parts + cost_parts(usage, price)
+    def add_billed(self, parts: CostParts | None) -> None:
+        """One billed answer's cost, at the price in effect when it was sent (None: the
+        price is unknown)."""
+        if parts is not None:
+            self.parts = self.parts + parts
 
     def add_resumed(self, *, ok: int, failed: int) -> None:
         """Rows that earlier runs finished (ok or failed), skipped by this run."""
