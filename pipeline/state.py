@@ -247,8 +247,9 @@ class JobState:
         unanswered. A run that was killed did not: its results in the journal are summed,
         plus the worst case of the requests it left in flight, which the next run recorded.
         """
-        history = [r for r in self.history() if before is None or r.run < before]
-        current = [r for r in self.history() if r.run == before]
+        every = self.history()
+        history = [r for r in every if before is None or r.run < before]
+        current = [r for r in every if r.run == before]
         starts = [index for index, record in enumerate(history) if record.fresh]
         runs = history[starts[-1] :] if starts else history
         if current and current[0].fresh:
