@@ -20,6 +20,7 @@ from pipeline.runner import Reporter, RunReport
 from pipeline.sources import InputScan
 from pipeline.stats import Snapshot
 from pipeline.status import JobStatus
+from pipeline.summary import summary_path
 
 LOG_EVERY_S = 10.0
 
@@ -197,6 +198,7 @@ def print_summary(console: Console, report: RunReport) -> None:
         table.add_row("pending", f"{pending:,} rows: run the same command again to resume")
     else:
         table.add_row("output", str(report.output))
+    table.add_row("run summary", f"{summary_path(report.output)} (tokens and dollars by kind)")
     console.print(table)
 
 
