@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -211,6 +210,8 @@ class _IdBook:
         count = len(self.lines)
         if count < 2:
             return None
+        import polars as pl  # here: a run that reads no batch file does not pay its import
+
         hashes = pa.Array.from_buffers(
             pa.binary(_DIGEST_BYTES), count, [None, pa.py_buffer(self.digests)]
         )

@@ -32,6 +32,14 @@ class Track:
     remaining: int
     ok: int
     failed: int
+    results: list[RowResult] | None = None
+    """The batch's results as they come, when the output wants them (see
+    :class:`pipeline.assembly.OrderedOutput`)."""
+
+    def seal(self) -> Seal:
+        return Seal(
+            start=self.start, rows=self.rows, digest=self.digest, ok=self.ok, failed=self.failed
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,8 @@ class Step:
     """One batch: the rows to send, the rows earlier runs finished, and its track (None
     when nothing of it is on its way, or it is never to be sealed)."""
 
+    start: int
+    rows: int
     pending: list[PlannedRow]
     resumed_ok: int
     resumed_failed: int
@@ -70,11 +80,25 @@ class ResumeCursor:
         self._seals: dict[int, Seal] | None = None
         self._fingerprint = planner.fingerprint
 
-    def next_batch(self, batches: Iterator[pa.RecordBatch]) -> Step | None:
-        """The next batch's step; None at the end of the input."""
+    def next_batch(self, batches: Iterator[pa.RecordBatch]) -> tuple[Step, pa.RecordBatch] | None:
+        """The next batch's step and the batch itself; None at the end of the input.
+
+        The batches may hold more columns than planning reads (the output's kept columns):
+        only the planner's columns are planned and digested.
+        """
         batch = next(batches, None)
         if batch is None:
             return None
+        return self.step(self._planned_columns(batch)), batch
+
+    def _planned_columns(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        wanted = self._planner.columns
+        if batch.schema.names == wanted:
+            return batch
+        return batch.select(wanted)
+
+    def step(self, batch: pa.RecordBatch) -> Step:
+        """The step of ``batch``, the input's next batch (holding the planner's columns)."""
         if self._seals is None:
             self._seals = self._book.read()
         start, rows = self._start, batch.num_rows
@@ -89,13 +113,13 @@ class ResumeCursor:
             and seal.digest == digest
             and not (seal.failed and self._retry_failed)
         ):
-            return Step([], seal.ok, seal.failed, None)
+            return Step(start, rows, [], seal.ok, seal.failed, None)
         pending, resumed_ok, resumed_failed = self._split(self._planner.plan(batch, start))
         if not pending:
             # Every row already has a durable result: seal it for the next resume.
             done = Seal(start=start, rows=rows, digest=digest, ok=resumed_ok, failed=resumed_failed)
             self._book.append([done])
-            return Step([], resumed_ok, resumed_failed, None)
+            return Step(start, rows, [], resumed_ok, resumed_failed, None)
         track = Track(
             start=start,
             rows=rows,
@@ -104,15 +128,16 @@ class ResumeCursor:
             ok=resumed_ok,
             failed=resumed_failed,
         )
-        return Step(with_prompt_tokens(pending), resumed_ok, resumed_failed, track)
+        return Step(start, rows, with_prompt_tokens(pending), resumed_ok, resumed_failed, track)
 
     def _selected(self, batch: pa.RecordBatch, start: int, select: frozenset[int]) -> Step:
         """Only the selected rows of a batch; never sealed, since the others stay unsent."""
-        if not any(row in select for row in range(start, start + batch.num_rows)):
-            return Step([], 0, 0, None)
+        rows = batch.num_rows
+        if not any(row in select for row in range(start, start + rows)):
+            return Step(start, rows, [], 0, 0, None)
         planned = self._planner.plan(batch, start)
         pending, resumed_ok, resumed_failed = self._split(p for p in planned if p.row in select)
-        return Step(with_prompt_tokens(pending), resumed_ok, resumed_failed, None)
+        return Step(start, rows, with_prompt_tokens(pending), resumed_ok, resumed_failed, None)
 
     def _split(self, planned: Iterable[PlannedRow]) -> tuple[list[PlannedRow], int, int]:
         """The rows to send, and how many an earlier run finished ok / failed."""
@@ -148,9 +173,10 @@ class Tracks:
         self._tracks[track.start] = track
         self._starts.append(track.start)
 
-    def finish(self, results: Sequence[RowResult]) -> list[Seal]:
-        """Count ``results`` into their batches' tracks; seals for the batches now finished."""
-        seals: list[Seal] = []
+    def finish(self, results: Sequence[RowResult]) -> list[Track]:
+        """Count ``results`` into their batches' tracks; the tracks now finished, in the order
+        they finished."""
+        finished: list[Track] = []
         for result in results:
             if result.status == "stopped":
                 continue  # not finished: its batch is not sealed
@@ -165,16 +191,10 @@ class Tracks:
                 track.ok += 1
             else:
                 track.failed += 1
+            if track.results is not None:
+                track.results.append(result)
             if track.remaining == 0:
-                seals.append(
-                    Seal(
-                        start=track.start,
-                        rows=track.rows,
-                        digest=track.digest,
-                        ok=track.ok,
-                        failed=track.failed,
-                    )
-                )
+                finished.append(track)
                 del self._tracks[track.start]
                 self._starts.remove(track.start)
-        return seals
+        return finished

@@ -4,8 +4,12 @@
 
     producer ──work (bounded)──▶ workers (max_in_flight) ──results (bounded)──▶ writer
        │ reads input batches,      record the intent, send,        group commit to the
-       │ plans requests, skips     classify, back off, retry;      results journal, then
+       │ plans requests, skips     classify, back off, retry;      results journal, seals,
        └ rows already finished     one result per row              └ counts for the display
+                                                                       │ finished batches
+                                                                       ▼
+                                                    the output, written in input order as the
+                                                    run goes (:mod:`pipeline.assembly`)
 
 Before a request is sent, its intent is written (and fsynced in groups soon after, see
 :class:`~pipeline.intents.IntentLog`); after it finishes, its result is made durable. A run
@@ -18,6 +22,8 @@ sizes, never by the number of rows.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 import signal
 import time
@@ -26,11 +32,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
-import httpx
 import pyarrow as pa
 from anyio import CancelScope
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -38,6 +43,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline import retry
 from pipeline.answers import AnswerRules, AskAgain, Fail, judge
+from pipeline.assembly import MAX_WAITING_ROWS, OrderedOutput, Waiting
 from pipeline.batchfile import BATCH_COLUMNS, BatchPlanner, iter_batch_records, scan_batch_file
 from pipeline.budget import Budget
 from pipeline.client import Attempt, ChatClient
@@ -66,14 +72,17 @@ from pipeline.pricing import (
 )
 from pipeline.records import RowResult
 from pipeline.redact import redact
-from pipeline.resume import ResumeCursor, Tracks
-from pipeline.seals import Seal, SealBook
+from pipeline.resume import ResumeCursor, Track, Tracks
+from pipeline.seals import SealBook
 from pipeline.sinks import RESULT_COLUMNS, OutputWriter
 from pipeline.sources import InputScan, iter_batches, resolve_input, scan_input
 from pipeline.state import COMPLETED, FAILED, INTERRUPTED, OVER_BUDGET, JobState, Suspects
 from pipeline.stats import RunStats, Snapshot
 from pipeline.summary import run_summary, write_summary
 from pipeline.templating import RequestTemplate
+
+if TYPE_CHECKING:
+    import httpx
 
 RESULT_BATCH = 1024
 THINKING_MIN_TOKENS = 1024
@@ -98,7 +107,10 @@ class RunOptions:
     select_rows: frozenset[int] | None = None
     """Send only these input rows (a calibration sample); the others are left alone."""
     write_output: bool = True
-    """Assemble the output Parquet at the end (a sample run does not)."""
+    """Write the output Parquet (a sample run does not)."""
+    output_waiting_rows: int = MAX_WAITING_ROWS
+    """Rows that may wait in memory for an earlier batch's rows before the output is written
+    (see :mod:`pipeline.assembly`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -427,6 +439,24 @@ class Runner:
             total = sum(1 for row in self.options.select_rows if 0 <= row < scan.rows)
         stats = RunStats(total_rows=total, clock=self._clock, limiter=self.limiter)
         self.reporter.start(self.job, scan)
+        writer: OutputWriter | None = None
+        output: OrderedOutput | None = None
+        if self.options.write_output:
+            writer = OutputWriter(Path(self.job.output.path), self.job.output.schema)
+            if self.options.select_rows is None:
+                output = OrderedOutput(self.options.output_waiting_rows)
+        with writer or contextlib.nullcontext():
+            await self._send_all(scan, stats, writer, output)
+            return self._report(stats, await self._write_rest(scan, writer, output), suspects)
+
+    async def _send_all(
+        self,
+        scan: InputScan,
+        stats: RunStats,
+        writer: OutputWriter | None,
+        output: OrderedOutput | None,
+    ) -> None:
+        """Send every row to send and make its result durable (and written, with ``output``)."""
         size = self.job.limits.max_in_flight
         work_send, work_recv = anyio.create_memory_object_stream[PlannedRow](size)
         result_send, result_recv = anyio.create_memory_object_stream[RowResult](size)
@@ -444,11 +474,15 @@ class Runner:
                 if self.options.handle_signals:
                     outer.start_soon(self._watch_signals, stats)
                 async with anyio.create_task_group() as durable:
-                    durable.start_soon(self._write, stats, result_recv)
+                    durable.start_soon(self._write, stats, result_recv, output)
                     durable.start_soon(intents.run)
+                    if output is not None and writer is not None:
+                        durable.start_soon(output.run, functools.partial(self._write_done, writer))
                     async with result_send, anyio.create_task_group() as work:
                         self._work_scope = work.cancel_scope
-                        work.start_soon(self._produce, scan, stats, work_send, result_send.clone())
+                        work.start_soon(
+                            self._produce, scan, stats, work_send, result_send.clone(), output
+                        )
                         for _ in range(size):
                             work.start_soon(
                                 self._work,
@@ -468,9 +502,20 @@ class Runner:
             raise found from None
         if self._fatal is not None:
             raise self._fatal
-        output_rows = 0
-        if not self._hard_stop and self.options.write_output:
-            output_rows = await anyio.to_thread.run_sync(self._assemble, scan, self._stopping)
+
+    async def _write_rest(
+        self, scan: InputScan, writer: OutputWriter | None, output: OrderedOutput | None
+    ) -> int:
+        """Write what the run did not write as it went; the number of output rows."""
+        if writer is None:
+            return 0
+        if self._hard_stop:
+            writer.abort()
+            return 0
+        start = 0 if output is None else output.next_row
+        return await anyio.to_thread.run_sync(self._assemble, scan, writer, start, self._stopping)
+
+    def _report(self, stats: RunStats, output_rows: int, suspects: Suspects | None) -> RunReport:
         return RunReport(
             job=self.job.name,
             run=self._run_id,
@@ -525,13 +570,14 @@ class Runner:
         stats: RunStats,
         work: ObjectSendStream[PlannedRow],
         results: ObjectSendStream[RowResult],
+        output: OrderedOutput | None,
     ) -> None:
         async with work, results:
             with anyio.CancelScope() as scope:
                 self._producer_scope = scope
                 if self._stopping:
                     return
-                await self._produce_rows(scan, stats, work, results)
+                await self._produce_rows(scan, stats, work, results, output)
 
     async def _produce_rows(
         self,
@@ -539,8 +585,9 @@ class Runner:
         stats: RunStats,
         work: ObjectSendStream[PlannedRow],
         results: ObjectSendStream[RowResult],
+        output: OrderedOutput | None,
     ) -> None:
-        batches = self.input_batches(scan)
+        batches = self.input_batches(scan, () if output is None else self.job.output.keep_columns)
         cursor = ResumeCursor(
             planner=self.planner,
             journal=self.journal,
@@ -550,12 +597,18 @@ class Runner:
             by_prefix=self.job.request.order == "prefix",
         )
         while True:
-            step = await anyio.to_thread.run_sync(cursor.next_batch, batches)
-            if step is None:
+            found = await anyio.to_thread.run_sync(cursor.next_batch, batches)
+            if found is None:
                 return
+            step, batch = found
             stats.add_resumed(ok=step.resumed_ok, failed=step.resumed_failed)
-            if step.track is not None:
-                self._tracks.add(step.track)
+            track = step.track
+            if track is not None:
+                self._tracks.add(track)
+            sent_whole = track is not None and track.remaining == step.rows
+            if output is not None and output.admit(step.rows, sent_whole=sent_whole):
+                assert track is not None
+                output.add(batch, track)
             for planned in step.pending:
                 if planned.failure is not None:
                     await results.send(self._unrenderable(planned))
@@ -886,13 +939,18 @@ class Runner:
             )
         )
 
-    async def _write(self, stats: RunStats, results: MemoryObjectReceiveStream[RowResult]) -> None:
+    async def _write(
+        self,
+        stats: RunStats,
+        results: MemoryObjectReceiveStream[RowResult],
+        output: OrderedOutput | None,
+    ) -> None:
         async with results:
             while True:
                 try:
                     batch = [await results.receive()]
                 except anyio.EndOfStream:
-                    return
+                    break
                 while len(batch) < RESULT_BATCH:
                     try:
                         batch.append(results.receive_nowait())
@@ -900,69 +958,102 @@ class Runner:
                         break
                 finished = self._tracks.finish(batch)
                 await anyio.to_thread.run_sync(self._commit, batch, finished)
+                if output is not None:
+                    output.finish(finished)
                 for result in batch:
                     stats.add_result(result)
+        if output is not None:
+            output.end()
 
-    def _commit(self, results: list[RowResult], seals: list[Seal]) -> None:
+    def _commit(self, results: list[RowResult], finished: list[Track]) -> None:
         """Make results durable, then seal the batches they finished."""
         self.journal.append_results(results)
-        self.seals.append(seals)
+        self.seals.append([track.seal() for track in finished])
 
     # -- the output ---------------------------------------------------------------------
 
     def match_results(
-        self, scan: InputScan, extra: tuple[str, ...] = ()
+        self, scan: InputScan
     ) -> Iterator[tuple[pa.RecordBatch, int, list[RowResult | None]]]:
         """Each input batch, its first row number, and each row's current result (or None).
 
-        A row's current result is the journal's last result for the row's request key, so a
-        result recorded for an older prompt or parameter does not count. Blocking: call it
-        from a worker thread or outside the event loop.
+        Blocking: call it from a worker thread or outside the event loop.
         """
         start = 0
-        bucket = -1
-        results: dict[str, RowResult] = {}
-        for batch in self.input_batches(scan, extra):
-            matched: list[RowResult | None] = []
-            for planned in self.planner.plan(batch, start):
-                if bucket_of(planned.row) != bucket:
-                    bucket = bucket_of(planned.row)
-                    results = self.journal.read_bucket(bucket)
-                matched.append(results.get(planned.key))
-            yield batch, start, matched
+        buckets: dict[int, dict[str, RowResult]] = {}
+        for batch in self.input_batches(scan):
+            yield batch, start, self._matched(batch, start, buckets)
             start += batch.num_rows
 
-    def _assemble(self, scan: InputScan, partial: bool) -> int:
-        """Write the output in input order from the journal (runs in a worker thread).
+    def _matched(
+        self, batch: pa.RecordBatch, start: int, buckets: dict[int, dict[str, RowResult]]
+    ) -> list[RowResult | None]:
+        """Each row's current result (or None): the journal's last result for the row's
+        request key, so a result recorded for an older prompt or parameter does not count.
+        ``buckets`` caches the journal bucket last read."""
+        matched: list[RowResult | None] = []
+        for planned in self.planner.plan(batch.select(self.planner.columns), start):
+            bucket = bucket_of(planned.row)
+            results = buckets.get(bucket)
+            if results is None:
+                buckets.clear()
+                results = buckets[bucket] = self.journal.read_bucket(bucket)
+            matched.append(results.get(planned.key))
+        return matched
+
+    def _write_done(self, writer: OutputWriter, done: list[Waiting]) -> None:
+        """Write batches this run finished, in order (in a worker thread, during the run)."""
+        for waiting in done:
+            assert waiting.results is not None
+            matched: list[RowResult | None] = list(waiting.results)
+            self._write_rows(writer, waiting.batch, waiting.start, matched, partial=False)
+
+    def _assemble(self, scan: InputScan, writer: OutputWriter, first: int, partial: bool) -> int:
+        """Write the output from row ``first`` on, from the journal (in a worker thread).
 
         With ``partial`` (after a stop) rows without a result are left out; otherwise every
-        row must have one. Returns the number of rows written.
+        row must have one. Returns the number of rows the output holds.
         """
-        keep = self.job.output.keep_columns
+        start = 0
+        buckets: dict[int, dict[str, RowResult]] = {}
+        for batch in self.input_batches(scan, self.job.output.keep_columns):
+            rows = batch.num_rows
+            if start + rows > first:
+                part = batch.slice(first - start) if start < first else batch
+                at = max(start, first)
+                self._write_rows(writer, part, at, self._matched(part, at, buckets), partial)
+            start += rows
+        return writer.rows
+
+    def _write_rows(
+        self,
+        writer: OutputWriter,
+        batch: pa.RecordBatch,
+        start: int,
+        matched: list[RowResult | None],
+        partial: bool,
+    ) -> None:
+        """Write the rows of ``batch`` that have a result (all must, unless ``partial``)."""
+        positions = [i for i, found in enumerate(matched) if found is not None]
+        if len(positions) < len(matched) and not partial:
+            row = start + matched.index(None)
+            raise StateError(
+                f"row {row} has no result in {self.journal.folder}; run the job again to finish it."
+            )
+        if not positions:
+            return
+        chosen = batch
+        if len(positions) < batch.num_rows:
+            chosen = batch.take(pa.array(positions, type=pa.int64()))
+        names = chosen.schema.names
         id_column = self.job.input.id_column
-        with OutputWriter(Path(self.job.output.path), self.job.output.schema) as writer:
-            for batch, start, matched in self.match_results(scan, keep):
-                positions = [i for i, found in enumerate(matched) if found is not None]
-                if len(positions) < len(matched) and not partial:
-                    row = start + matched.index(None)
-                    raise StateError(
-                        f"row {row} has no result in {self.journal.folder}; "
-                        "run the job again to finish it."
-                    )
-                if not positions:
-                    continue
-                chosen = batch
-                if len(positions) < batch.num_rows:
-                    chosen = batch.take(pa.array(positions, type=pa.int64()))
-                names = chosen.schema.names
-                if id_column is not None:
-                    ids = chosen.column(names.index(id_column))
-                else:
-                    ids = pa.array([start + p for p in positions], type=pa.int64())
-                kept = [(c, chosen.column(names.index(c))) for c in keep]
-                ordered = [found for found in matched if found is not None]
-                writer.write(ids, kept, ordered)
-            return writer.rows
+        if id_column is not None:
+            ids = chosen.column(names.index(id_column))
+        else:
+            ids = pa.array([start + p for p in positions], type=pa.int64())
+        kept = [(c, chosen.column(names.index(c))) for c in self.job.output.keep_columns]
+        ordered = [found for found in matched if found is not None]
+        writer.write(ids, kept, ordered)
 
 
 class _OverBudget(Exception):

@@ -33,11 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from jsonschema import (  # type: ignore[import-untyped,unused-ignore]
-    Draft202012Validator,
-    SchemaError,
-)
-from jsonschema.exceptions import best_match  # type: ignore[import-untyped,unused-ignore]
 
 from pipeline.errors import JobFileError
 
@@ -311,6 +306,9 @@ def _check_schema(schema: Any, *, source: Path, key: str) -> dict[str, Any]:
             'Write a table like {type = "object", properties = {...}} or a path to a .json file.',
         )
     plain: dict[str, Any] = json.loads(json.dumps(schema, default=str))
+    # Imported here: only jobs with a schema pay its ~35 ms of start-up.
+    from jsonschema import Draft202012Validator, SchemaError  # type: ignore[import-untyped,unused-ignore]
+
     try:
         Draft202012Validator.check_schema(plain)
     except SchemaError as exc:
@@ -373,6 +371,8 @@ class OutputSchema:
         properties = self.schema.get("properties")
         names = properties if isinstance(properties, Mapping) else {}
         nodes = {str(name): _node(sub) for name, sub in names.items()}
+        from jsonschema import Draft202012Validator
+
         object.__setattr__(self, "_validator", Draft202012Validator(self.schema))
         object.__setattr__(self, "_nodes", nodes)
 
@@ -436,6 +436,8 @@ class OutputSchema:
         parsed = _parse_object(_unfenced(text))
         if isinstance(parsed, Invalid):
             return parsed
+        from jsonschema.exceptions import best_match  # type: ignore[import-untyped,unused-ignore]
+
         try:
             error = best_match(self._validator.iter_errors(parsed))
         except RecursionError:

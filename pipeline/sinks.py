@@ -123,6 +123,13 @@ class OutputWriter:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
+    def abort(self) -> None:
+        """Drop what was written: an output file already in place stays as it was."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, JobFileError
@@ -251,10 +251,11 @@ def _check_unique(
     files: Sequence[InputFile], id_column: str, hashes: array.array[int], limit: int | None
 ) -> None:
     """Raise naming the first duplicated id, if any (hash first, then exact values)."""
-    series = pl.Series("h", hashes, dtype=pl.Int64)
-    dup_hashes = set(series.filter(series.is_duplicated()).unique().to_list())
-    if not dup_hashes:
+    counts = pc.value_counts(pa.array(hashes, type=pa.int64()))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
         return
+    dup_hashes = set(repeated.field("values").to_pylist())
     first_seen: dict[Any, int] = {}
     for index, value in enumerate(iter_column(files, id_column, limit)):
         if _id_hash(value) not in dup_hashes:
