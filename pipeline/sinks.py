@@ -1,7 +1,7 @@
 """The output Parquet file: one row per input row, in input order.
 
-The file is written to a temporary name beside the target, fsynced, and renamed into place,
-so a reader never sees a half-written output.
+The file is written to a temporary name beside the target (``.NAME.partial``, while the run
+goes), fsynced, and renamed into place, so a reader never sees a half-written output.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class OutputWriter:
     def __enter__(self) -> OutputWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.unlink(missing_ok=True)  # left by a run that was killed
         except OSError as exc:
             raise StateError(
                 f"cannot create the output folder {self.path.parent} ({exc})."

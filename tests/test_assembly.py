@@ -225,3 +225,47 @@ def test_a_stuck_row_leaves_the_rest_to_the_end_of_the_run(tmp_path: Path) -> No
     assert stuck["id"].to_list() == [f"r{i}" for i in range(rows)]
     assert stuck["response"].to_list() == [f"re t{i}" for i in range(rows)]
     assert_frame_equal(stuck, _from_journal(job, provider))
+
+
+def test_a_stop_writes_the_finished_rows_in_order_and_no_partial_file(tmp_path: Path) -> None:
+    rows = 60
+    job = _job(tmp_path, rows)
+    stale = Path(job.output.path).with_name(f".{Path(job.output.path).name}.partial")
+    stale.write_bytes(b"left by a killed run")
+    answered = 0
+    runner: Runner | None = None
+
+    async def provider(request: httpx.Request) -> httpx.Response:
+        nonlocal answered
+        text = json.loads(request.content)["messages"][-1]["content"]
+        if text == "t3":
+            await anyio.sleep(0.2)  # the first batch finishes after the stop
+        answered += 1
+        if answered == 25 and runner is not None:
+            runner.stop()
+        return httpx.Response(
+            200,
+            json={
+                "choices": [{"message": {"content": f"re {text}"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+            },
+        )
+
+    runner = Runner(
+        job,
+        api_key=None,
+        options=RunOptions(batch_rows=5),
+        transport=httpx.MockTransport(provider),
+        rng=random.Random(0),
+    )
+    report = anyio.run(runner.run, runner.prepare())
+    assert report.interrupted
+    out = _output(job)
+    ids = [int(i[1:]) for i in out["id"].to_list()]
+    assert ids == sorted(ids)
+    assert 25 <= len(ids) < rows
+    assert 3 in ids
+    assert out["response"].to_list() == [f"re t{i}" for i in ids]
+    assert not stale.exists()
+    done = {r.row for r in runner.journal.iter_results() if r.status == "ok"}
+    assert set(ids) == done
