@@ -28,6 +28,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from pipeline.errors import StateError
+from pipeline.pricing import Usage
 from pipeline.records import RowResult
 
 BUCKET_ROWS = 4096
@@ -39,6 +40,9 @@ _INTENT = re.compile(
 )
 # ... and the run that recorded it last.
 _TAIL = re.compile(rb'"run":(\d+)\}$')
+# A billed record's tokens and cost. A JSON string cannot hold `,"` unescaped, so the first
+# match is the field, whatever text the response before it holds.
+_SPENT = re.compile(rb',"tokens":\[(\d+),(\d+),(\d+),(\d+)\],"cost_usd":(?:null|"([^"]*)")')
 
 
 def bucket_of(row: int) -> int:
@@ -163,6 +167,33 @@ class Journal:
             if head is not None and tail is not None:
                 runs[head.group(1).decode()] = int(tail.group(1))
         return runs
+
+    def spent(self) -> tuple[Usage, Decimal | None]:
+        """Tokens and cost of every result ever recorded (every billed attempt, superseded
+        ones included; None when one has no price), read without parsing whole records."""
+        prompt = completion = cached = reasoning = 0
+        total: Decimal | None = Decimal(0)
+        for bucket in self.result_buckets():
+            for line in _read(self.results_dir / self._name(bucket)).splitlines():
+                found = _SPENT.search(line)
+                if found is None or _TAIL.search(line) is None:
+                    continue  # a torn or damaged line
+                prompt += int(found.group(1))
+                completion += int(found.group(2))
+                cached += int(found.group(3))
+                reasoning += int(found.group(4))
+                cost = found.group(5)
+                if cost is None or total is None:
+                    total = None
+                else:
+                    total += Decimal(cost.decode())
+        usage = Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning,
+        )
+        return usage, total
 
     def result_buckets(self) -> list[int]:
         """Buckets that hold results, in order."""

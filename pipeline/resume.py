@@ -99,20 +99,13 @@ class ResumeCursor:
 
     def step(self, batch: pa.RecordBatch) -> Step:
         """The step of ``batch``, the input's next batch (holding the planner's columns)."""
-        if self._seals is None:
-            self._seals = self._book.read()
         start, rows = self._start, batch.num_rows
         self._start += rows
         if self._select is not None:
             return self._selected(batch, start, self._select)
         digest = batch_digest(self._fingerprint, batch)
-        seal = self._seals.get(start)
-        if (
-            seal is not None
-            and seal.rows == rows
-            and seal.digest == digest
-            and not (seal.failed and self._retry_failed)
-        ):
+        seal = self._sealed(start, rows, digest)
+        if seal is not None:
             return Step(start, rows, [], seal.ok, seal.failed, None)
         pending, resumed_ok, resumed_failed = self._split(self._planner.plan(batch, start))
         if not pending:
@@ -129,6 +122,28 @@ class ResumeCursor:
             failed=resumed_failed,
         )
         return Step(start, rows, with_prompt_tokens(pending), resumed_ok, resumed_failed, track)
+
+    def tally(self, batch: pa.RecordBatch) -> tuple[int, int, int]:
+        """How many rows of ``batch``, the input's next, are ok, failed and pending; like
+        :meth:`step` but read-only (no seal written, no prompt counted)."""
+        start, rows = self._start, batch.num_rows
+        self._start += rows
+        seal = self._sealed(start, rows, batch_digest(self._fingerprint, batch))
+        if seal is not None:
+            return seal.ok, seal.failed, rows - seal.ok - seal.failed
+        pending, ok, failed = self._split(self._planner.plan(batch, start))
+        return ok, failed, len(pending)
+
+    def _sealed(self, start: int, rows: int, digest: str) -> Seal | None:
+        """The batch's seal, if an earlier run sealed it unchanged (and it is to be skipped)."""
+        if self._seals is None:
+            self._seals = self._book.read()
+        seal = self._seals.get(start)
+        if seal is None or seal.rows != rows or seal.digest != digest:
+            return None
+        if seal.failed and self._retry_failed:
+            return None
+        return seal
 
     def _selected(self, batch: pa.RecordBatch, start: int, select: frozenset[int]) -> Step:
         """Only the selected rows of a batch; never sealed, since the others stay unsent."""

@@ -358,6 +358,17 @@ class Runner:
             scan.files, columns, limit=self.job.input.limit, batch_rows=self.options.batch_rows
         )
 
+    def resume_cursor(self) -> ResumeCursor:
+        """A cursor over the input that knows which rows earlier runs finished."""
+        return ResumeCursor(
+            planner=self.planner,
+            journal=self.journal,
+            seals=self.seals,
+            retry_failed=self.options.retry_failed,
+            select_rows=self.options.select_rows,
+            by_prefix=self.job.request.order == "prefix",
+        )
+
     # -- the run ------------------------------------------------------------------------
 
     async def run(self, scan: InputScan) -> RunReport:
@@ -588,14 +599,7 @@ class Runner:
         output: OrderedOutput | None,
     ) -> None:
         batches = self.input_batches(scan, () if output is None else self.job.output.keep_columns)
-        cursor = ResumeCursor(
-            planner=self.planner,
-            journal=self.journal,
-            seals=self.seals,
-            retry_failed=self.options.retry_failed,
-            select_rows=self.options.select_rows,
-            by_prefix=self.job.request.order == "prefix",
-        )
+        cursor = self.resume_cursor()
         while True:
             found = await anyio.to_thread.run_sync(cursor.next_batch, batches)
             if found is None:
@@ -971,19 +975,6 @@ class Runner:
         self.seals.append([track.seal() for track in finished])
 
     # -- the output ---------------------------------------------------------------------
-
-    def match_results(
-        self, scan: InputScan
-    ) -> Iterator[tuple[pa.RecordBatch, int, list[RowResult | None]]]:
-        """Each input batch, its first row number, and each row's current result (or None).
-
-        Blocking: call it from a worker thread or outside the event loop.
-        """
-        start = 0
-        buckets: dict[int, dict[str, RowResult]] = {}
-        for batch in self.input_batches(scan):
-            yield batch, start, self._matched(batch, start, buckets)
-            start += batch.num_rows
 
     def _matched(
         self, batch: pa.RecordBatch, start: int, buckets: dict[int, dict[str, RowResult]]

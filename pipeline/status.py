@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.pricing import ZERO_USAGE, CostParts, Usage, cost_parts
+from pipeline.pricing import CostParts, Usage, cost_parts
 from pipeline.runner import Runner
 from pipeline.sources import InputScan
 from pipeline.state import RunRecord, Suspects
@@ -75,24 +75,19 @@ class JobStatus:
 
 
 def job_status(runner: Runner, scan: InputScan) -> JobStatus:
-    """Count rows by their current result and sum what the journal says was spent."""
+    """Count rows by their current result and sum what the journal says was spent.
+
+    A batch sealed by a run, and unchanged since, is counted from its seal without planning
+    its rows (as a resume skips it); the others are planned and matched by request key.
+    """
     ok = failed = pending = 0
-    for _, _, matched in runner.match_results(scan):
-        for found in matched:
-            if found is None:
-                pending += 1
-            elif found.status == "ok":
-                ok += 1
-            else:
-                failed += 1
-    spent = ZERO_USAGE
-    spent_usd: Decimal | None = Decimal(0)
-    for result in runner.journal.iter_results():
-        spent = spent + result.usage
-        if result.cost_usd is None or spent_usd is None:
-            spent_usd = None
-        else:
-            spent_usd += result.cost_usd
+    cursor = runner.resume_cursor()
+    for batch in runner.input_batches(scan):
+        batch_ok, batch_failed, batch_pending = cursor.tally(batch)
+        ok += batch_ok
+        failed += batch_failed
+        pending += batch_pending
+    spent, spent_usd = runner.journal.spent()
     history = runner.state.history()
     running = runner.state.locked_by_other()
     return JobStatus(

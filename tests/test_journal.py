@@ -140,3 +140,45 @@ def test_cheap_scans_agree_with_full_records(tmp_path: Path) -> None:
     assert journal.bucket_status(0) == {key: r.status for key, r in full.items()}
     assert journal.bucket_runs(0) == {key: r.run for key, r in full.items()}
     assert "k9" not in journal.bucket_status(0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    texts=st.lists(st.text(max_size=40) | st.just(',"tokens":[9,9,9,9],"cost_usd":"5"'), max_size=8)
+)
+def test_spent_agrees_with_full_records_whatever_the_answers_say(
+    tmp_path_factory: pytest.TempPathFactory, texts: list[str]
+) -> None:
+    journal = Journal(tmp_path_factory.mktemp("spent"))
+    journal.open()
+    records = [
+        RowResult(
+            key=f"k{i}",
+            row=i * 1000,  # several buckets
+            status=("ok", "failed", "stopped")[i % 3],  # type: ignore[arg-type]
+            response=text,
+            structured={"note": text, "run": 1} if i % 2 else None,
+            usage=Usage(
+                prompt_tokens=i, completion_tokens=2 * i, cached_tokens=1, reasoning_tokens=i
+            ),
+            cost_usd=Decimal(f"0.00000{i}"),
+            run=1,
+        )
+        for i, text in enumerate(texts)
+    ]
+    journal.append_results(records)
+    with (journal.results_dir / "000000.jsonl").open("ab") as handle:
+        handle.write(b'{"key":"k9","row":9,"status":"ok","response":"x","tokens":[5,5,5,5],"co')
+    usage, cost = journal.spent()
+    expected = sum((r.usage for r in journal.iter_results()), Usage())
+    assert usage == expected
+    assert cost == sum((r.cost_usd or Decimal(0) for r in journal.iter_results()), Decimal(0))
+
+
+def test_spent_is_unknown_when_a_record_has_no_price(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    journal.append_results([result(1), RowResult(key="k2", row=2, status="ok", run=1)])
+    usage, cost = journal.spent()
+    assert usage.prompt_tokens == 1
+    assert cost is None

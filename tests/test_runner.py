@@ -265,14 +265,8 @@ def test_connection_errors_after_answers_are_retried_not_fatal(tmp_path: Path) -
     assert out["attempts"].sum() == 59
 
 
-def test_finished_batches_are_sealed_and_skipped_unplanned(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job = make_job(tmp_path, rows=30)
-    run(job, echo)
-    seals = SealBook(job.output.state_path).read()
-    assert sorted(seals) == [0, 7, 14, 21, 28]  # batch_rows is 7 in these tests
-    assert sum(seal.ok for seal in seals.values()) == 30
+def count_planned_rows(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count the rows planned from now on (a function returning the count so far)."""
     planned = 0
     original = Planner.plan
 
@@ -282,9 +276,21 @@ def test_finished_batches_are_sealed_and_skipped_unplanned(
         return original(self, batch, start)
 
     monkeypatch.setattr(Planner, "plan", counting)
+    return lambda: planned
+
+
+def test_finished_batches_are_sealed_and_skipped_unplanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(tmp_path, rows=30)
+    run(job, echo)
+    seals = SealBook(job.output.state_path).read()
+    assert sorted(seals) == [0, 7, 14, 21, 28]  # batch_rows is 7 in these tests
+    assert sum(seal.ok for seal in seals.values()) == 30
+    planned = count_planned_rows(monkeypatch)
     report = run(job, echo)
     assert report.final.resumed_rows == 30  # type: ignore[attr-defined]
-    assert planned == 30  # only the output assembly plans; the resume skipped every batch
+    assert planned() == 30  # only the output assembly plans; the resume skipped every batch
 
 
 def test_an_edited_row_in_a_sealed_batch_is_sent_again(tmp_path: Path) -> None:
@@ -317,3 +323,30 @@ def test_a_changed_template_invalidates_every_seal(tmp_path: Path) -> None:
 
     run(edited, counting)
     assert sent == 30
+
+
+def test_status_counts_sealed_batches_from_their_seals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.status import job_status
+
+    job = make_job(tmp_path, rows=30)
+
+    def half_failing(request: httpx.Request) -> httpx.Response:
+        text = json.loads(request.content)["messages"][-1]["content"]
+        if int(text[1:]) % 4 == 0:
+            return httpx.Response(400, json={"error": {"message": "no"}})
+        return echo(request)
+
+    run(job, half_failing)
+    # Rows 7-13 (the second batch) are edited: the next status must plan them again.
+    table = pq.read_table(tmp_path / "in.parquet").to_pydict()
+    table["text"][9] = "t9 edited"
+    pq.write_table(pa.table(table), tmp_path / "in.parquet")
+    planned = count_planned_rows(monkeypatch)
+    runner = Runner(job, api_key=None, options=RunOptions(batch_rows=7))
+    status = job_status(runner, runner.prepare())
+    assert planned() == 7  # only the edited batch
+    failed = {i for i in range(30) if i % 4 == 0}  # row 9 was ok, and is now pending
+    assert (status.ok, status.failed, status.pending) == (30 - len(failed) - 1, len(failed), 1)
+    assert status.spent.completion_tokens == 3 * (30 - 8)  # every answered row, from the journal
