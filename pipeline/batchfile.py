@@ -232,8 +232,27 @@ def scan_batch_file(path: Path, *, limit: int | None = None) -> BatchScan:
     """Check every request of ``path`` (up to ``limit``) before anything is sent.
 
     Raises :class:`InputError` naming the line and field of the first problem; repeated
-    custom ids are reported after the pass, naming both lines.
+    custom ids are reported after the pass, naming both lines. The pass over an unchanged
+    file (same inode, size and modification time) is done once per process.
     """
+    try:
+        info = path.stat()
+    except OSError:
+        return _scan_batch_file(path, limit)  # reports the problem, naming the file
+    key = (str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, limit)
+    found = _SCANS.get(key)
+    if found is None:
+        found = _SCANS[key] = _scan_batch_file(path, limit)
+        while len(_SCANS) > _SCANS_KEPT:
+            del _SCANS[next(iter(_SCANS))]
+    return found
+
+
+_SCANS: dict[tuple[str, int, int, int, int | None], BatchScan] = {}
+_SCANS_KEPT = 8
+
+
+def _scan_batch_file(path: Path, limit: int | None) -> BatchScan:
     endpoint: str | None = None
     first_url = ""
     first_line = 0
@@ -553,15 +572,22 @@ def export_openai_batch(output_parquet: Path, dest: Path, *, endpoint: str) -> i
 
 
 def batch_file_job(
-    path: Path, *, model: str | None, max_in_flight: int | None, api_key_env: str | None
+    path: Path,
+    *,
+    model: str | None,
+    max_in_flight: int | None,
+    api_key_env: str | None,
+    limit: int | None = None,
 ) -> JobSpec:
     """A job that runs an OpenAI batch input file as it is (``pipeline run batch.jsonl``).
 
     The endpoint comes from the lines' ``url``; the output goes beside the file
     (``<name>.output.parquet``) unless ``--output`` says otherwise. Without ``model``, each
-    line keeps its own model; prices are known when the lines share one priced model.
+    line keeps its own model; prices are known when the lines share one priced model. The
+    file is checked up to ``limit`` requests (the run's ``--limit``), so the run's own check
+    of it reuses this pass.
     """
-    found = scan_batch_file(path)
+    found = scan_batch_file(path, limit=limit)
     named = model or (found.models[0] if len(found.models) == 1 else DEFAULT_MODEL)
     return JobSpec(
         name=path.name.split(".")[0],

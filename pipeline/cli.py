@@ -181,6 +181,7 @@ def run(
             api_key_env=api_key_env,
             base_url=base_url,
             local=local,
+            limit=limit,
         ),
         overrides,
     )
@@ -233,8 +234,10 @@ def _load_job_or_batch(
     api_key_env: str | None,
     base_url: str | None,
     local: bool,
+    limit: int | None = None,
 ) -> JobSpec:
-    """A job file, or a job made from an OpenAI batch input file and the flags."""
+    """A job file, or a job made from an OpenAI batch input file and the flags (a batch file
+    is checked up to ``limit`` lines, the run's ``--limit``)."""
     from pathlib import Path
 
     from pipeline.batchfile import batch_file_job, looks_like_batch_file
@@ -246,7 +249,11 @@ def _load_job_or_batch(
                 "or --local."
             )
         return batch_file_job(
-            Path(path), model=model, max_in_flight=max_in_flight, api_key_env=api_key_env
+            Path(path),
+            model=model,
+            max_in_flight=max_in_flight,
+            api_key_env=api_key_env,
+            limit=limit,
         )
     for flag, value in (("--model", model), ("--max-in-flight", max_in_flight)):
         if value is not None:
@@ -288,7 +295,13 @@ def status(
         identity=LOCAL_IDENTITY if local else None,
     )
     job = _load_job_or_batch(
-        job_file, model=None, max_in_flight=None, api_key_env=None, base_url=None, local=True
+        job_file,
+        model=None,
+        max_in_flight=None,
+        api_key_env=None,
+        base_url=None,
+        local=True,
+        limit=limit,
     )
     runner = Runner(apply_overrides(job, overrides), api_key=None)
     report = job_status(runner, runner.prepare())

@@ -135,7 +135,13 @@ def estimate(
         raise click.UsageError("--local and --base-url cannot be used together.")
     job = apply_overrides(
         _load_job_or_batch(
-            job_file, model=None, max_in_flight=None, api_key_env=None, base_url=None, local=True
+            job_file,
+            model=None,
+            max_in_flight=None,
+            api_key_env=None,
+            base_url=None,
+            local=True,
+            limit=limit,
         ),
         Overrides(input=input_path, output=run_output, base_url=base_url, limit=limit),
     )

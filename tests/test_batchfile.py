@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -443,3 +444,29 @@ def test_export_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="`id` and `status`"):
         export_openai_batch(no_ids, tmp_path / "y.jsonl", endpoint="chat/completions")
     assert not (tmp_path / "y.jsonl").exists()
+
+
+def test_a_batch_file_is_read_once_to_make_its_job_and_prepare_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import batchfile
+    from pipeline.batchfile import batch_file_job
+    from pipeline.runner import Runner
+
+    path = write_lines(tmp_path / "batch.jsonl", [request(f"r{i}") for i in range(5)])
+    passes: list[int | None] = []
+    original = batchfile._scan_batch_file
+
+    def counting(path: Path, limit: int | None) -> BatchScan:
+        passes.append(limit)
+        return original(path, limit)
+
+    monkeypatch.setattr(batchfile, "_scan_batch_file", counting)
+    job = batch_file_job(path, model=None, max_in_flight=None, api_key_env=None, limit=3)
+    job = replace(job, input=replace(job.input, limit=3))
+    assert Runner(job, api_key=None).prepare().rows == 3
+    assert passes == [3]
+    # A changed file is read again.
+    write_lines(path, [request(f"r{i}") for i in range(7)])
+    assert scan_batch_file(path).rows == 7
+    assert passes == [3, None]
