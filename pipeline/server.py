@@ -54,8 +54,8 @@ and that the tokenizer never merges, so a reply's token count is its number of p
 against the real tokenizer at start-up and in the tests; tokenizing every reply would cost
 about 0.4 ms per 256 tokens). JSON answers and tool call arguments are tokenized for real
 and cut to the budget too; ``invalid_json_rate`` of the answers that follow a schema (and of
-tool call arguments) break it on purpose, the way models do (:mod:`pipeline.simulate` tells
-how). In thinking mode a
+tool call arguments) break it on purpose, the way models do, except answers asked for with
+``strict`` (:mod:`pipeline.simulate` tells how). In thinking mode a
 ``reasoning_content`` of ``reasoning_min_tokens..reasoning_max_tokens`` tokens comes first
 and shares the budget (the answer's target is drawn from what is left): when the reasoning
 uses the budget up, ``content`` is ``""`` and the reply is cut.
@@ -278,7 +278,10 @@ class ServerOptions:
     )
     invalid_json_rate: float = field(
         default=0.05,
-        metadata=_help("Fraction of schema answers and tool call arguments that break the schema."),
+        metadata=_help(
+            "Fraction of schema answers and tool call arguments that break the schema "
+            "(never those asked for with strict: true)."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -397,6 +400,8 @@ class ChatRequest:
     reasoning_effort: str
     json_mode: bool
     schema: Mapping[str, Any] | None = None
+    strict: bool = False
+    """``response_format.json_schema.strict``: the answer always follows ``schema``."""
     tool: Tool | None = None
 
 
@@ -473,7 +478,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     model = _checked_model(body)
     messages = _checked_messages(body)
     max_tokens = _checked_max_tokens(body)
-    json_mode, schema = _response_format(body.get("response_format"), messages)
+    json_mode, schema, strict = _response_format(body.get("response_format"), messages)
     explicit = "thinking" in body or "reasoning_effort" in body
     thinking = tokens.thinking_enabled(body) and (explicit or tokens.is_deepseek_model(model))
     return ChatRequest(
@@ -485,6 +490,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         reasoning_effort=str(body.get("reasoning_effort") or "high"),
         json_mode=json_mode,
         schema=schema,
+        strict=strict,
         tool=_chosen_tool(body.get("tools"), body.get("tool_choice")),
     )
 
@@ -497,19 +503,20 @@ JSON_WORD_MESSAGE: Final = (
 
 def _response_format(
     response_format: Any, messages: Sequence[Mapping[str, Any]]
-) -> tuple[bool, Mapping[str, Any] | None]:
-    """``(json_mode, schema)`` of a body's ``response_format``.
+) -> tuple[bool, Mapping[str, Any] | None, bool]:
+    """``(json_mode, schema, strict)`` of a body's ``response_format``.
 
     ``json_object`` (DeepSeek's only kind) takes its schema from the prompt and, as OpenAI
-    does, needs the word "json" somewhere in the messages; ``json_schema`` carries it.
+    does, needs the word "json" somewhere in the messages; ``json_schema`` carries it, and
+    with ``strict: true`` its answers always follow it.
     """
     if not isinstance(response_format, dict):
-        return False, None
+        return False, None, False
     kind = response_format.get("type")
     if kind == "json_object":
         if not any("json" in text.lower() for text in message_texts(messages)):
             raise InvalidRequest(JSON_WORD_MESSAGE, "messages")
-        return True, simulate.schema_in_messages(messages)
+        return True, simulate.schema_in_messages(messages), False
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict):
@@ -523,8 +530,8 @@ def _response_format(
                 "Invalid 'response_format.json_schema.schema': expected an object.",
                 "response_format.json_schema.schema",
             )
-        return True, schema
-    return False, None
+        return True, schema, schema is not None and spec.get("strict") is True
+    return False, None, False
 
 
 _FUNCTION_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -566,7 +573,9 @@ def _checked_tools(tools: Any) -> list[Tool]:
                 f"Invalid type for '{where}.function.parameters': expected an object.",
                 f"{where}.function.parameters",
             )
-        checked.append(Tool(name=name, parameters=parameters))
+        checked.append(
+            Tool(name=name, parameters=parameters, strict=function.get("strict") is True)
+        )
     return checked
 
 

@@ -27,6 +27,9 @@ required properties, each optional one with probability one half, ``minPropertie
 A fraction ``invalid_json_rate`` of schema answers (tool call arguments too) is made to violate
 the schema, as real models do: a required property missing, a value outside its enum, a value of
 the wrong type (a number written as a string), a number out of range, or prose around the JSON.
+A request that asks for ``strict`` structured output (``response_format.json_schema.strict``,
+or a tool's ``function.strict``) always gets a conforming answer, as OpenAI guarantees (an
+answer cut by ``max_tokens`` is still cut).
 """
 
 from __future__ import annotations
@@ -656,6 +659,8 @@ class Tool:
 
     name: str
     parameters: Mapping[str, Any]
+    strict: bool = False
+    """``function.strict``: the provider guarantees arguments that follow the schema."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -721,6 +726,8 @@ class ReplyRequest(Protocol):
     @property
     def schema(self) -> Mapping[str, Any] | None: ...
     @property
+    def strict(self) -> bool: ...
+    @property
     def tool(self) -> Tool | None: ...
 
 
@@ -743,7 +750,8 @@ def text_reply(
 def _tool_call(
     tool: Tool, rng: random.Random, options: ReplyOptions, budget: int
 ) -> tuple[ToolCall, int, bool]:
-    arguments = schema_answer(tool.parameters, rng, options.invalid_json_rate)
+    rate = 0.0 if tool.strict else options.invalid_json_rate
+    arguments = schema_answer(tool.parameters, rng, rate)
     text, count, cut = cut_to_budget(arguments, budget)
     call = ToolCall(id=f"call_{rng.getrandbits(96):024x}", name=tool.name, arguments=text)
     return call, count, cut
@@ -785,7 +793,8 @@ def make_reply(
             tool_calls=(call,),
         )
     if request.json_mode and request.schema is not None:
-        answer = schema_answer(request.schema, rng, options.invalid_json_rate)
+        rate = 0.0 if request.strict else options.invalid_json_rate
+        answer = schema_answer(request.schema, rng, rate)
         content, content_tokens, cut = cut_to_budget(answer, budget)
     elif request.json_mode:
         content, content_tokens, cut = cut_to_budget(json_answer(rng), budget)

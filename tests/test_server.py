@@ -954,3 +954,36 @@ def test_fim_shares_the_machinery(server: LocalServer, client: httpx.Client) -> 
     assert stats["prompt_tokens_total"] == (
         2 * first["usage"]["prompt_tokens"] + tokens.count_prompt_tokens([other])[0]
     )
+
+
+def test_strict_structured_output_always_conforms(local_server: Callable[..., str]) -> None:
+    """As at OpenAI: `strict` json_schema answers and strict tools' arguments follow the
+    schema, whatever invalid_json_rate breaks for the others."""
+    base_url = local_server(latency_ms=1, invalid_json_rate=0.9)
+    tool = {
+        "type": "function",
+        "function": {"name": "record_label", "parameters": LABEL_SCHEMA, "strict": True},
+    }
+    valid: Counter[str] = Counter()
+    with httpx.Client(timeout=10) as http:
+        for i in range(20):
+            for strict in (True, False):
+                body = chat_body(
+                    f"Row {i}.",
+                    max_tokens=2000,
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {"name": "label", "schema": LABEL_SCHEMA, "strict": strict},
+                    },
+                    thinking={"type": "disabled"},
+                )
+                content = post(http, base_url, body).json()["choices"][0]["message"]["content"]
+                valid[f"schema strict={strict}"] += answer_conforms(content, LABEL_SCHEMA)
+            body = chat_body(
+                f"Row {i}.", max_tokens=2000, tools=[tool], thinking={"type": "disabled"}
+            )
+            call = post(http, base_url, body).json()["choices"][0]["message"]["tool_calls"][0]
+            valid["tool strict"] += answer_conforms(call["function"]["arguments"], LABEL_SCHEMA)
+    assert valid["schema strict=True"] == 20
+    assert valid["tool strict"] == 20
+    assert valid["schema strict=False"] < 10

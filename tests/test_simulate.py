@@ -375,6 +375,7 @@ class _Ask:
     reasoning_effort: str = "high"
     json_mode: bool = False
     schema: dict[str, Any] | None = None
+    strict: bool = False
     tool: Tool | None = None
 
 
