@@ -30,11 +30,13 @@ unknown value is ``stop``.
 *Failed rows.* OpenAI reports a failed request in two shapes: a request that got an HTTP
 error keeps ``response`` with that ``status_code`` and the error object as ``body`` (and
 ``"error": null``); a request that never got an answer (for example when the batch
-expired) has ``"response": null`` and ``"error": {"code": ..., "message": ...}``. The
-pipeline output keeps a failure's message but not an HTTP status, so every failed row is
-written in the second shape, with the code ``request_failed`` and the row's ``error`` as
-the message. Failed rows stay in the same file as the others (OpenAI splits them into an
-error file) so the export has exactly one line per input row.
+expired) has ``"response": null`` and ``"error": {"code": ..., "message": ...}``. A failed
+row whose last answer was an HTTP error (its ``http_status`` column, 400 and up) is written
+in the first shape, with ``{"error": {"message": <the row's error>}}`` as the body (the
+provider's own error object is not kept); any other failed row (a timeout, a connection
+error, an answer judged invalid or truncated) in the second, with the code
+``request_failed``. Failed rows stay in the same file as the others (OpenAI splits them into
+an error file) so the export has exactly one line per input row.
 """
 
 from __future__ import annotations
@@ -410,6 +412,7 @@ _EXPORT_COLUMNS = (
     "cached_tokens",
     "reasoning_tokens",
     "error",
+    "http_status",
     "model",
     "response_id",
     "tool_calls",
@@ -504,9 +507,18 @@ def batch_output_line(row: Mapping[str, Any], *, endpoint: str) -> dict[str, Any
     line: dict[str, Any] = {"id": f"batch_req_{_stable_hex('batch_req', custom_id, 32)}"}
     line["custom_id"] = custom_id
     if row.get("status") != "ok":
-        message = row.get("error") or "the request failed"
-        line["response"] = None
-        line["error"] = {"code": "request_failed", "message": str(message)}
+        message = str(row.get("error") or "the request failed")
+        status = row.get("http_status")
+        if isinstance(status, int) and status >= 400:
+            line["response"] = {
+                "status_code": status,
+                "request_id": f"req_{_stable_hex('request', custom_id, 32)}",
+                "body": {"error": {"message": message}},
+            }
+            line["error"] = None
+        else:
+            line["response"] = None
+            line["error"] = {"code": "request_failed", "message": message}
         return line
     body = (
         _chat_body(row, custom_id) if endpoint == "chat/completions" else _text_body(row, custom_id)

@@ -63,6 +63,8 @@ class RowResult:
     """The answer parsed and validated against the job's output schema."""
     reasks: int = 0
     """Answers that failed the output schema and were asked again (each one billed)."""
+    http_status: int | None = None
+    """The HTTP status of the last attempt's answer (None: no answer, e.g. a timeout)."""
 
     def to_json(self) -> str:
         usage = self.usage
@@ -89,6 +91,7 @@ class RowResult:
                 "tool_calls": [call.to_dict() for call in self.tool_calls] or None,
                 "structured": self.structured,
                 "reasks": self.reasks,
+                "http_status": self.http_status,
                 "run": self.run,
             },
             ensure_ascii=False,
@@ -122,4 +125,5 @@ class RowResult:
             tool_calls=tuple(ToolCall.from_dict(call) for call in data.get("tool_calls") or ()),
             structured=data.get("structured"),
             reasks=data.get("reasks", 0),
+            http_status=data.get("http_status"),
         )

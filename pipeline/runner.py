@@ -899,6 +899,7 @@ class Runner:
             structured=structured,
             reasks=row.reasks,
             model=(reply.model if reply else None) or self.job.request.model,
+            http_status=None if attempt is None else attempt.status,
             run=self._run_id,
         )
 

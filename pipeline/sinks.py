@@ -37,6 +37,7 @@ RESULT_SCHEMA = pa.schema(
         ("attempts", pa.int64()),
         ("latency_ms", pa.int64()),
         ("error", pa.string()),
+        ("http_status", pa.int64()),
         ("model", pa.string()),
         ("reasks", pa.int64()),
         ("tool_calls", TOOL_CALLS_TYPE),
@@ -62,6 +63,7 @@ def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
         columns["attempts"].append(r.attempts)
         columns["latency_ms"].append(r.latency_ms)
         columns["error"].append(r.error)
+        columns["http_status"].append(r.http_status)
         columns["model"].append(r.model)
         columns["reasks"].append(r.reasks)
         columns["tool_calls"].append([call.to_dict() for call in r.tool_calls] or None)

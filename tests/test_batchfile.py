@@ -470,3 +470,21 @@ def test_a_batch_file_is_read_once_to_make_its_job_and_prepare_the_run(
     write_lines(path, [request(f"r{i}") for i in range(7)])
     assert scan_batch_file(path).rows == 7
     assert passes == [3, None]
+
+
+def test_an_http_error_is_exported_as_openai_writes_it(tmp_path: Path) -> None:
+    table = output_table().append_column(
+        "http_status", pa.array([200, 200, 400, 200], type=pa.int64())
+    )
+    timeout = output_table().append_column(
+        "http_status", pa.array([200, 200, None, 200], type=pa.int64())
+    )
+    failed = BatchOutputLine.model_validate(export(tmp_path, table, "chat/completions")[2])
+    assert failed.error is None
+    assert failed.response is not None
+    assert failed.response.status_code == 400
+    assert failed.response.body == {"error": {"message": "HTTP 400: context length exceeded"}}
+    no_answer = BatchOutputLine.model_validate(export(tmp_path, timeout, "chat/completions")[2])
+    assert no_answer.response is None
+    assert no_answer.error is not None
+    assert no_answer.error.code == "request_failed"

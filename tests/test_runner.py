@@ -129,6 +129,7 @@ def test_permanent_failures_become_failed_rows(tmp_path: Path) -> None:
     assert out["status"].to_list() == ["ok", "failed"] * 5
     assert out["attempts"].to_list() == [1] * 10
     assert out["error"][1] == "HTTP 400: bad row"
+    assert out["http_status"].to_list() == [200, 400] * 5
     assert not report.all_ok  # type: ignore[attr-defined]
 
 
