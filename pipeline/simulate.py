@@ -713,7 +713,7 @@ class ReplyOptions(Protocol):
 
 
 class ReplyRequest(Protocol):
-    """What a chat request asks of its answer (:class:`pipeline.server.ChatRequest`)."""
+    """What a chat request asks of its answer (:class:`pipeline.server_requests.ChatRequest`)."""
 
     @property
     def max_tokens(self) -> int: ...

@@ -22,8 +22,6 @@ from pipeline.errors import ProviderError
 from pipeline.localserver import LocalServer, reset_server_stats, server_argv, server_stats
 from pipeline.server import (
     API_KEY_ENV,
-    ChatRequest,
-    InvalidRequest,
     Outcome,
     RateLimiter,
     ServerOptions,
@@ -33,6 +31,10 @@ from pipeline.server import (
     build_parser,
     draw_fault,
     format_duration,
+)
+from pipeline.server_requests import (
+    ChatRequest,
+    InvalidRequest,
     parse_chat_request,
     prompt_token_ids,
     reply_seed,
