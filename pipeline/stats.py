@@ -28,6 +28,7 @@ class Snapshot:
     in_flight: int
     usage: Usage
     cost_usd: Decimal | None
+    """What this run's billed answers cost (None: price unknown): ``cost_parts.total``."""
     elapsed_s: float
     limiter: LimiterSnapshot | None = None
     """The limiter's cap and budgets, when the run has a limiter."""
@@ -78,7 +79,6 @@ class RunStats:
     rate_limited: int = 0
     in_flight: int = 0
     usage: Usage = ZERO_USAGE
-    cost_usd: Decimal = Decimal(0)
     cost_unknown: bool = False
     reasks: int = 0
     truncated: int = 0
@@ -98,13 +98,14 @@ class RunStats:
         self.usage = self.usage + result.usage
         if result.cost_usd is None:
             self.cost_unknown = True
-        else:
-            self.cost_usd += result.cost_usd
 
     def add_billed(self, parts: CostParts | None) -> None:
         """One billed answer's cost, at the price in effect when it was sent (None: the
-        price is unknown)."""
-        if parts is not None:
+        price is unknown). The run's cost is the sum of these, counted as answers arrive,
+        so it includes the attempts of rows still on their way (or cut off by a hard stop)."""
+        if parts is None:
+            self.cost_unknown = True
+        else:
             self.parts = self.parts + parts
 
     def add_resumed(self, *, ok: int, failed: int) -> None:
@@ -124,7 +125,7 @@ class RunStats:
             rate_limited=self.rate_limited,
             in_flight=self.in_flight,
             usage=self.usage,
-            cost_usd=None if self.cost_unknown else self.cost_usd,
+            cost_usd=None if self.cost_unknown else self.parts.total,
             elapsed_s=self.clock() - self.started,
             limiter=None if self.limiter is None else self.limiter.snapshot(),
             reasks=self.reasks,
