@@ -113,7 +113,10 @@ class OutputWriter:
                     for f in batch.schema
                 ]
             )
-            self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+            try:
+                self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+            except OSError as exc:
+                raise self._cannot_write(exc) from None
         try:
             batch = batch.cast(self._schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
@@ -123,8 +126,18 @@ class OutputWriter:
                 "Give each kept column and the id column one type.",
             ) from None
         assert self._writer is not None
-        self._writer.write_batch(batch)
+        try:
+            self._writer.write_batch(batch)
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
         self.rows += batch.num_rows
+
+    def _cannot_write(self, exc: OSError) -> StateError:
+        return StateError(
+            f"cannot write the output {self._tmp} ({exc.strerror or exc}). Every finished row "
+            "is kept in the state folder: free disk space or fix the folder's permissions, "
+            "then run the job again to write the output without sending them again."
+        )
 
     def abort(self) -> None:
         """Drop what was written: an output file already in place stays as it was."""

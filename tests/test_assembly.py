@@ -12,6 +12,7 @@ import httpx
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from polars.testing import assert_frame_equal
 
 from pipeline.assembly import OrderedOutput, Waiting
@@ -269,3 +270,43 @@ def test_a_stop_writes_the_finished_rows_in_order_and_no_partial_file(tmp_path: 
     assert not stale.exists()
     done = {r.row for r in runner.journal.iter_results() if r.status == "ok"}
     assert set(ids) == done
+
+
+def test_a_full_disk_while_writing_the_output_is_a_clear_error_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import pyarrow.parquet
+
+    from pipeline.errors import StateError
+
+    rows = 30
+    job = _job(tmp_path, rows)
+    provider = Provider(rows, slow=set())
+    real_writer = pyarrow.parquet.ParquetWriter
+
+    class FullDisk(real_writer):  # type: ignore[misc,valid-type]
+        def write_batch(self, *args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pyarrow.parquet, "ParquetWriter", FullDisk)
+    with pytest.raises(StateError, match=r"No space left on device.*run the job again"):
+        _run(job, provider, waiting_rows=10**6)
+    assert not Path(job.output.path).exists()
+    monkeypatch.setattr(pyarrow.parquet, "ParquetWriter", real_writer)
+    done = {r.row for r in Runner(job, api_key=None).journal.iter_results()}
+    sent_again = Provider(rows, slow=set())
+    calls = 0
+
+    async def counting(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return await sent_again(request)
+
+    runner = Runner(
+        job, api_key=None, options=RunOptions(batch_rows=5), transport=httpx.MockTransport(counting)
+    )
+    anyio.run(runner.run, runner.prepare())
+    assert calls == rows - len(done)  # what the journal kept is not sent again
+    assert _output(job)["response"].to_list() == [f"re t{i}" for i in range(rows)]
