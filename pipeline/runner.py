@@ -610,7 +610,7 @@ class Runner:
             if track is not None:
                 self._tracks.add(track)
             sent_whole = track is not None and track.remaining == step.rows
-            if output is not None and output.admit(step.rows, sent_whole=sent_whole):
+            if output is not None and output.admit(batch, sent_whole=sent_whole):
                 assert track is not None
                 output.add(batch, track)
             for planned in step.pending:

@@ -54,7 +54,7 @@ def test_batches_are_written_in_order_whatever_order_they_finish_in() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(output.run, write)
             for track in tracks:
-                assert output.admit(track.rows, sent_whole=True)
+                assert output.admit(_batch(track.rows), sent_whole=True)
                 output.add(_batch(track.rows), track)
             _finish(output, tracks[1], [5, 3, 4])  # the second batch first, out of order
             await anyio.sleep(0.05)
@@ -75,12 +75,12 @@ def test_past_its_limit_the_output_stops_taking_batches() -> None:
             tg.start_soon(output.run, lambda done: None)
             stuck, second, third = _track(0, 3), _track(3, 3), _track(6, 3)
             for track in (stuck, second):
-                assert output.admit(3, sent_whole=True)
+                assert output.admit(_batch(3), sent_whole=True)
                 output.add(_batch(3), track)
-            assert not output.admit(3, sent_whole=True)  # 9 rows would wait for the first
+            assert not output.admit(_batch(3), sent_whole=True)  # 9 rows would wait for the first
             assert output.closed
             assert third.results is None  # not collected: the journal has them
-            assert not output.admit(1, sent_whole=True)  # and it stays closed
+            assert not output.admit(_batch(1), sent_whole=True)  # and it stays closed
             _finish(output, stuck, [0, 1, 2])
             output.end()
         assert output.next_row == 3  # the end of the run writes the rest from the journal
@@ -90,9 +90,11 @@ def test_past_its_limit_the_output_stops_taking_batches() -> None:
 
 def test_a_batch_earlier_runs_finished_in_part_ends_the_stream() -> None:
     output = OrderedOutput(max_waiting_rows=100)
-    assert output.admit(3, sent_whole=True)
-    assert not output.admit(3, sent_whole=False)  # resuming: its other rows are in the journal
-    assert not output.admit(3, sent_whole=True)
+    assert output.admit(_batch(3), sent_whole=True)
+    assert not output.admit(
+        _batch(3), sent_whole=False
+    )  # resuming: its other rows are in the journal
+    assert not output.admit(_batch(3), sent_whole=True)
 
 
 def test_the_limit_counts_rows_until_they_are_written() -> None:
@@ -106,14 +108,14 @@ def test_the_limit_counts_rows_until_they_are_written() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(output.run, slow_write)
             first, second = _track(0, 4), _track(4, 4)
-            assert output.admit(4, sent_whole=True)
+            assert output.admit(_batch(4), sent_whole=True)
             output.add(_batch(4), first)
             _finish(output, first, [0, 1, 2, 3])
             await anyio.sleep(0.05)
             release.set()
             while output.next_row < 4:
                 await anyio.sleep(0.01)
-            assert output.admit(4, sent_whole=True)  # written: room again
+            assert output.admit(_batch(4), sent_whole=True)  # written: room again
             output.add(_batch(4), second)
             _finish(output, second, [4, 5, 6, 7])
             output.end()
@@ -310,3 +312,26 @@ def test_a_full_disk_while_writing_the_output_is_a_clear_error_and_loses_nothing
     anyio.run(runner.run, runner.prepare())
     assert calls == rows - len(done)  # what the journal kept is not sent again
     assert _output(job)["response"].to_list() == [f"re t{i}" for i in range(rows)]
+
+
+def test_long_answers_count_against_the_byte_limit() -> None:
+    async def main() -> None:
+        output = OrderedOutput(max_waiting_rows=100, max_waiting_bytes=10_000)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(output.run, lambda done: None)
+            stuck, second = _track(0, 2), _track(2, 2)
+            for track in (stuck, second):
+                assert output.admit(_batch(2), sent_whole=True)
+                output.add(_batch(2), track)
+            assert second.results is not None
+            second.results.extend(
+                RowResult(key=f"k{row}", row=row, status="ok", response="x" * 6_000)
+                for row in (2, 3)
+            )
+            output.finish([second])  # 12,000 characters wait for the first batch
+            assert not output.admit(_batch(2), sent_whole=True)
+            _finish(output, stuck, [0, 1])
+            output.end()
+        assert output.next_row == 4
+
+    anyio.run(main)
