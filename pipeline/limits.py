@@ -30,6 +30,13 @@ any headers) without being told. Against a hidden limit of 40 the simulation in 
 keeps about 94% of it in flight on average with under 1% of requests answered 429 (halving
 at every 429 kept 87%; plain additive increase would average 75%).
 
+**Memory across runs.** A run records what it learned (:class:`LearnedLimit`: the cap it
+ended with and the ceiling where its last cut came) and the next run of the job against the
+same endpoint and model starts from it (:func:`start_from`) instead of slow-starting from 16:
+at 90% of that ceiling, with the ceiling known (so its first 429 there cuts gently), or, when
+the run saw no 429, at the cap it reached. A nightly job against a provider with a hidden
+limit is at that limit from its first seconds.
+
 **Requests/min and tokens/min budgets (optional).** Every grant is written to a log of the last
 60 s; a request is granted only if, counting it, the grants in the last 60 s number at most
 ``requests_per_minute`` and their tokens sum to at most ``tokens_per_minute``. Hence, in *any*
@@ -86,7 +93,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import anyio
 import anyio.lowlevel
@@ -118,6 +125,9 @@ class LimiterConfig:
     tokens_per_minute: int | None = None
     initial_in_flight: int | None = None
     """Where the adaptive cap starts; ``None`` means ``min(max_in_flight, 16)``."""
+    known_ceiling: int | None = None
+    """Where an earlier run's last 429 cut came (see :func:`start_from`); None: unknown,
+    the cap slow-starts."""
     decrease_factor: float = 0.5
     """The cap is multiplied by this on a 429 (once per congestion epoch)."""
     burst_s: float = 1.0
@@ -131,7 +141,12 @@ class LimiterConfig:
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {self.max_in_flight}")
-        for name in ("requests_per_minute", "tokens_per_minute", "initial_in_flight"):
+        for name in (
+            "requests_per_minute",
+            "tokens_per_minute",
+            "initial_in_flight",
+            "known_ceiling",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None), not {value}")
@@ -215,6 +230,51 @@ class LimiterSnapshot:
     """Times the cap was cut (at most one per burst of 429s)."""
     cooling_until: float | None
     """End of the cool-down after a 429, if one is running."""
+    ceiling: int | None = None
+    """The cap at which the last cut came (None: no cut yet, nor one known from a run)."""
+
+    def learned(self) -> LearnedLimit:
+        return LearnedLimit(cap=self.cap, ceiling=self.ceiling)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LearnedLimit:
+    """What a run learned of the provider's in-flight limit, for the next run to start from."""
+
+    cap: int
+    ceiling: int | None
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"cap": self.cap, "ceiling": self.ceiling}
+
+    @classmethod
+    def from_dict(cls, data: object) -> LearnedLimit | None:
+        """The record written by :meth:`to_dict`; None when it is not one."""
+        if not isinstance(data, Mapping):
+            return None
+        cap, ceiling = data.get("cap"), data.get("ceiling")
+        if not _positive_int(cap) or not (ceiling is None or _positive_int(ceiling)):
+            return None
+        return cls(cap=cap, ceiling=ceiling)
+
+
+def _positive_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+LEARNED_START = 0.9
+"""A run that knows the ceiling starts at this fraction of it: near it, so that a 429 there
+cuts gently."""
+
+
+def start_from(config: LimiterConfig, learned: LearnedLimit) -> LimiterConfig:
+    """``config`` starting where an earlier run left off: 90% of its ceiling (known, so the
+    first 429 there cuts gently), or the cap it reached without a 429 (never below the
+    default start)."""
+    if learned.ceiling is not None:
+        start = max(1, math.floor(LEARNED_START * learned.ceiling))
+        return replace(config, initial_in_flight=start, known_ceiling=learned.ceiling)
+    return replace(config, initial_in_flight=max(learned.cap, config.start_cap))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +391,10 @@ class LimiterState:
         self._ids = itertools.count(1)
         # In-flight cap.
         self._cap = float(config.start_cap)
-        self._ceiling: float | None = None  # the cap at the last cut; None: still in slow start
+        # The cap at the last cut; None: still in slow start.
+        self._ceiling: float | None = (
+            None if config.known_ceiling is None else float(config.known_ceiling)
+        )
         self._epoch = 0
         self._open: set[int] = set()
         # Rate budgets.
@@ -485,6 +548,7 @@ class LimiterState:
             rate_limited=self._rate_limited,
             cuts=self._cuts,
             cooling_until=self._cool_until if self._cool_until > now else None,
+            ceiling=None if self._ceiling is None else max(1, math.floor(self._ceiling)),
         )
 
     # -- time and the window -----------------------------------------------------------------

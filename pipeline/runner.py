@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import random
 import signal
 import time
@@ -52,11 +53,13 @@ from pipeline.intents import IntentLog
 from pipeline.jobspec import JobSpec
 from pipeline.journal import Intent, bucket_of
 from pipeline.limits import (
+    LearnedLimit,
     Limiter,
     LimiterConfig,
     NeverFitsError,
     Outcome,
     parse_rate_limit_headers,
+    start_from,
 )
 from pipeline.models import model_facts
 from pipeline.plan import PlannedRow, Planner
@@ -257,6 +260,10 @@ class Runner:
         )
         self.url = f"{job.request.base_url}/{job.request.endpoint}"
         key_url = f"{job.request.key_base}/{job.request.endpoint}"
+        whose = f"{key_url} {job.request.model}".encode()
+        self._limit_key = hashlib.blake2b(whose, digest_size=8).hexdigest()
+        """Whose in-flight limit a run learns: the endpoint's and the model's (a digest, so
+        that no URL is written to the state folder)."""
         self.planner: Planner | BatchPlanner = Planner(
             template=self.template, url=key_url, id_column=job.input.id_column
         )
@@ -382,6 +389,7 @@ class Runner:
             if suspects is not None:
                 self.reporter.notice(describe_suspects(suspects))
             self._run_id = self.state.begin_run(suspects, fresh=self.options.fresh)
+            self._start_where_the_last_run_left_off()
             self.budget = self._budget()
             how = FAILED
             summary: dict[str, Any] = {}
@@ -389,6 +397,9 @@ class Runner:
                 report = await self._run(scan, suspects)
                 how = report.how
                 summary = run_summary(report)
+                if report.final.limiter is not None:
+                    learned = report.final.limiter.learned().to_dict()
+                    summary["limiter"] = {"endpoint": self._limit_key, **learned}
             finally:
                 worst = self._unanswered_worst
                 summary["unanswered"] = self._unanswered
@@ -400,6 +411,25 @@ class Runner:
             write_summary(self.job, report, summary)
         self.reporter.finish(report)
         return report
+
+    def _start_where_the_last_run_left_off(self) -> None:
+        """Start the in-flight cap from what the job's last run against this endpoint and
+        model learned (see :func:`pipeline.limits.start_from`)."""
+        learned: LearnedLimit | None = None
+        for record in reversed(self.state.history()):
+            entry = (record.summary or {}).get("limiter")
+            if isinstance(entry, dict) and entry.get("endpoint") == self._limit_key:
+                learned = LearnedLimit.from_dict(entry)
+                break
+        if learned is None:
+            return
+        config = start_from(self.limiter.state.config, learned)
+        self.limiter = Limiter(config, clock=self._clock, rng=self._rng)
+        where = f"; its 429s came at {learned.ceiling}" if learned.ceiling is not None else ""
+        self.reporter.notice(
+            f"starting at {config.start_cap} requests in flight, from what the last run "
+            f"learned{where}."
+        )
 
     def _budget(self) -> Budget | None:
         """The job's spending cap, less what its earlier runs spent."""

@@ -237,3 +237,29 @@ def test_python_dash_m_help() -> None:
     )
     assert "run" in proc.stdout
     assert "serve" in proc.stdout
+
+
+def test_a_second_run_starts_at_the_hidden_limit_the_first_one_found(
+    tmp_path: Path, local_server: Callable[..., str]
+) -> None:
+    from pipeline.localserver import reset_server_stats
+
+    base = local_server(latency_ms=20, max_concurrency=8, seed=3)
+    job = job_file(tmp_path, base_url=base, limits="max_attempts = 20")  # max_in_flight 32
+    code, first_output = invoke("run", str(job))
+    assert code == 0, first_output
+    first_429s = server_stats(base)["429"]
+    assert first_429s > 0  # slow start from 16 ran into the limit of 8
+    assert "from what the last run learned" not in first_output
+    runs = (tmp_path / "out.parquet.state" / "runs.jsonl").read_text()
+    assert '"limiter": {"endpoint"' in runs
+    assert "127.0.0.1" not in runs  # the endpoint is kept as a digest
+    reset_server_stats(base)
+    code, second_output = invoke("run", str(job), "--fresh")
+    assert code == 0, second_output
+    found = re.search(r"starting at (\d+) requests in flight, .*429s came at (\d+)", second_output)
+    assert found is not None, second_output
+    start, ceiling = int(found.group(1)), int(found.group(2))
+    assert 8 <= ceiling <= 12  # the server's limit is 8
+    assert start == int(0.9 * ceiling)
+    assert server_stats(base)["429"] < first_429s

@@ -793,3 +793,41 @@ def test_acquire_raises_never_fits() -> None:
         assert limiter.snapshot().waiting == 0
 
     run(main)
+
+
+# -- memory across runs ------------------------------------------------------------------------
+
+
+def test_a_run_that_hit_a_ceiling_makes_the_next_start_just_under_it() -> None:
+    from pipeline.limits import LearnedLimit, start_from
+
+    config = start_from(LimiterConfig(max_in_flight=500), LearnedLimit(cap=36, ceiling=40))
+    state = LimiterState(config, rng=random.Random(0))
+    assert state.cap == 36  # 90% of the ceiling
+    assert state.snapshot(0.0).ceiling == 40
+    grants: list[Grant] = []
+    fill(state, 0.0, grants)
+    assert len(grants) == 36
+    state.release(0.1, grants[0], outcome="rate_limited")
+    assert state.cap == 30  # the ceiling is known: a gentle cut (0.85), not a halving
+
+
+def test_a_run_without_429s_makes_the_next_start_at_the_cap_it_reached() -> None:
+    from pipeline.limits import LearnedLimit, start_from
+
+    base = LimiterConfig(max_in_flight=256)
+    assert start_from(base, LearnedLimit(cap=256, ceiling=None)).start_cap == 256
+    assert start_from(base, LearnedLimit(cap=3, ceiling=None)).start_cap == 16  # not below
+    lowered = LimiterConfig(max_in_flight=100)
+    assert start_from(lowered, LearnedLimit(cap=256, ceiling=None)).start_cap == 100
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, [], {}, {"cap": 0}, {"cap": "8"}, {"cap": 8, "ceiling": -1}, {"cap": True}],
+)
+def test_a_damaged_learned_record_is_ignored(data: object) -> None:
+    from pipeline.limits import LearnedLimit
+
+    assert LearnedLimit.from_dict(data) is None
+    assert LearnedLimit.from_dict({"cap": 8, "ceiling": None}) == LearnedLimit(cap=8, ceiling=None)
