@@ -277,6 +277,20 @@ def _load_job_or_batch(
     return load_job(path)
 
 
+def _load_to_read(path: str, *, limit: int | None = None) -> JobSpec:
+    """A job file or batch file for a command that sends nothing (status, export, estimate):
+    no flag of ``run`` applies, and a batch file needs no endpoint."""
+    return _load_job_or_batch(
+        path,
+        model=None,
+        max_in_flight=None,
+        api_key_env=None,
+        base_url=None,
+        local=True,
+        limit=limit,
+    )
+
+
 @cli.command()
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--input", "input_path", help="The input, if the run used --input.")
@@ -310,15 +324,7 @@ def status(
         base_url=base_url,
         identity=LOCAL_IDENTITY if local else None,
     )
-    job = _load_job_or_batch(
-        job_file,
-        model=None,
-        max_in_flight=None,
-        api_key_env=None,
-        base_url=None,
-        local=True,
-        limit=limit,
-    )
+    job = _load_to_read(job_file, limit=limit)
     runner = Runner(apply_overrides(job, overrides), api_key=None)
     report = job_status(runner, runner.prepare())
     if as_json:
@@ -347,9 +353,7 @@ def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None
     from pipeline.batchfile import export_openai_batch
 
     job = apply_overrides(
-        _load_job_or_batch(
-            job_file, model=None, max_in_flight=None, api_key_env=None, base_url=None, local=True
-        ),
+        _load_to_read(job_file),
         Overrides(output=output_path),
     )
     source = Path(job.output.path)

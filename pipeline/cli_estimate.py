@@ -24,7 +24,7 @@ from pipeline.cli import (
     LOCAL_IDENTITY,
     _api_key,
     _endpoint,
-    _load_job_or_batch,
+    _load_to_read,
     _loop_options,
     _report_errors,
 )
@@ -134,15 +134,7 @@ def estimate(
     if local and base_url:
         raise click.UsageError("--local and --base-url cannot be used together.")
     job = apply_overrides(
-        _load_job_or_batch(
-            job_file,
-            model=None,
-            max_in_flight=None,
-            api_key_env=None,
-            base_url=None,
-            local=True,
-            limit=limit,
-        ),
+        _load_to_read(job_file, limit=limit),
         Overrides(input=input_path, output=run_output, base_url=base_url, limit=limit),
     )
     if per_row is not None and per_row.suffix.lower() != ".parquet":
