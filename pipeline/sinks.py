@@ -134,7 +134,7 @@ class OutputWriter:
 
     def _cannot_write(self, exc: OSError) -> StateError:
         return StateError(
-            f"cannot write the output {self._tmp} ({exc.strerror or exc}). Every finished row "
+            f"cannot write the output {self.path} ({exc.strerror or exc}). Every finished row "
             "is kept in the state folder: free disk space or fix the folder's permissions, "
             "then run the job again to write the output without sending them again."
         )
@@ -152,16 +152,15 @@ class OutputWriter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._writer is not None:
-            self._writer.close()
         if exc_type is not None:
-            self._tmp.unlink(missing_ok=True)
+            self.abort()
             return
         if self._writer is None:
             return
         try:
+            self._writer.close()
             with self._tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
             self._tmp.replace(self.path)
         except OSError as exc_:
-            raise StateError(f"cannot write the output {self.path} ({exc_}).") from None
+            raise self._cannot_write(exc_) from None
