@@ -29,9 +29,9 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_OVER_BUDGET = 0, 3, 4
 WORDS = ["the", "battery", "screen", "price", "shipping", "quality", "broken", "great", "refund"]
 
 
-def pipeline_cli(*args: str, codes: tuple[int, ...] = (EXIT_OK,)) -> str:
+def _pipeline(*args: str, codes: tuple[int, ...]) -> subprocess.CompletedProcess[str]:
     """``python -m pipeline ARGS`` from the project root (the sample jobs' paths are
-    relative to it); returns stdout, asserting the exit code is one of ``codes``."""
+    relative to it), asserting the exit code is one of ``codes``."""
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         cwd=ROOT,
@@ -41,7 +41,12 @@ def pipeline_cli(*args: str, codes: tuple[int, ...] = (EXIT_OK,)) -> str:
         check=False,
     )
     assert proc.returncode in codes, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
-    return proc.stdout
+    return proc
+
+
+def pipeline_cli(*args: str, codes: tuple[int, ...] = (EXIT_OK,)) -> str:
+    """Its stdout (see :func:`_pipeline`)."""
+    return _pipeline(*args, codes=codes).stdout
 
 
 def estimate(job: str | Path, url: str, out: Path, *extra: str) -> dict[str, Any]:
@@ -55,15 +60,7 @@ def estimate(job: str | Path, url: str, out: Path, *extra: str) -> dict[str, Any
 def run(job: str | Path, url: str, out: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     """Run the job; its exit code and the summary JSON written beside the output."""
     args = ("run", str(job), "--base-url", url, "--output", str(out), *extra)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode in (EXIT_OK, EXIT_ROWS_FAILED, EXIT_OVER_BUDGET), proc.stderr[-2000:]
+    proc = _pipeline(*args, codes=(EXIT_OK, EXIT_ROWS_FAILED, EXIT_OVER_BUDGET))
     summary: dict[str, Any] = json.loads((out.parent / f"{out.stem}.summary.json").read_text())
     return proc.returncode, summary
 
