@@ -2,7 +2,7 @@
 
 Generates a 1M-row Parquet in a temp dir, measures the DeepSeek V4 tokenizer's own
 ``encode_batch`` on the same laid-out prompts (the ceiling) before and after the estimate,
-runs the estimate in a child process (``python -m pipeline.cli_estimate JOB --json``) and
+runs the estimate in a child process (``python -m pipeline.cli.estimate JOB --json``) and
 prints its time, tokens/s, the ratio to raw ``encode_batch`` (the mean of the two raw
 measurements: the machine may be shared) and the child's peak RSS.
 
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.tokens import deepseek_chat_layout, deepseek_tokenizer  # noqa: E402
+from pipeline.rows.tokens import deepseek_chat_layout, deepseek_tokenizer  # noqa: E402
 
 WORDS = [
     "the",
@@ -109,8 +109,8 @@ def peak() -> None:
         out.write(kib)
 
 atexit.register(peak)
-sys.argv = ["pipeline.cli_estimate", *sys.argv[2:]]
-runpy.run_module("pipeline.cli_estimate", run_name="__main__", alter_sys=True)
+sys.argv = ["pipeline.cli.estimate", *sys.argv[2:]]
+runpy.run_module("pipeline.cli.estimate", run_name="__main__", alter_sys=True)
 """
 
 

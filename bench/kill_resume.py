@@ -8,7 +8,7 @@ What it measures (the acceptance criterion):
     completions), and each resumed run reported its suspects.
 
 How: the script writes a ``--rows`` Parquet input (``rid`` + a short ``text``) and a job file in
-a temporary folder, starts the built-in server (:class:`pipeline.localserver.LocalServer`,
+a temporary folder, starts the built-in server (:class:`pipeline.server.process.LocalServer`,
 deepseek profile, ``--latency-ms`` plus up to ``--jitter-ms``, no faults) and then, ``--kills``
 times: starts ``python -m pipeline run job.toml``, waits until the run's results journal grows
 (it is really sending), waits a random ``--min-wait``..``--max-wait`` seconds more (seeded by
@@ -56,9 +56,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.localserver import LocalServer, StatsClient
-from pipeline.server import ServerOptions
-from pipeline.state import JobState, RunRecord
+from pipeline.server.app import ServerOptions
+from pipeline.server.process import LocalServer, StatsClient
+from pipeline.state.runs import JobState, RunRecord
 
 SUSPECTS_LINE = re.compile(r"run (\d+) stopped with ([\d,]+) request\(s\) in flight")
 POLL_S = 0.02

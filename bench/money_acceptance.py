@@ -1,7 +1,7 @@
 """Issue 5's acceptance criteria, at full size, against the built-in server over real HTTP.
 
 Every figure comes from the CLI run in subprocesses (``python -m pipeline estimate|run|status``)
-against :class:`pipeline.localserver.LocalServer` on 127.0.0.1, and from the server's own
+against :class:`pipeline.server.process.LocalServer` on 127.0.0.1, and from the server's own
 counters (``/_stats``). Three checks:
 
 1. **Tokens.** For each sample job (``jobs/*.toml``), on a fresh server: ``pipeline estimate``'s
@@ -51,11 +51,11 @@ import polars as pl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.jobspec import Overrides, apply_overrides, load_job  # noqa: E402
-from pipeline.localserver import LocalServer, server_stats  # noqa: E402
-from pipeline.runner import Runner  # noqa: E402
-from pipeline.server import ServerOptions  # noqa: E402
-from pipeline.sources import iter_batches  # noqa: E402
+from pipeline.engine.runner import Runner  # noqa: E402
+from pipeline.io.sources import iter_batches  # noqa: E402
+from pipeline.job.spec import Overrides, apply_overrides, load_job  # noqa: E402
+from pipeline.server.app import ServerOptions  # noqa: E402
+from pipeline.server.process import LocalServer, server_stats  # noqa: E402
 
 SAMPLE_JOBS = [
     "jobs/label_reviews.toml",
@@ -318,7 +318,7 @@ def check_sample_cost(
         rows = estimate(job, url, out)["rows"]["total"]
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        # "P%": P % of the rows, but at least 20 (pipeline.cli_estimate.MIN_SAMPLE_ROWS).
+        # "P%": P % of the rows, but at least 20 (pipeline.cli.estimate.MIN_SAMPLE_ROWS).
         est = estimate(job, url, out, "--sample", f"{percent:g}%", "--seed", str(seed))
         n = est["output_tokens"]["sampled"]
         sampled_stats = server_stats(url)

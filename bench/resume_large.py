@@ -12,11 +12,11 @@ How:
    built-in server, different output and state folder) are written to a temporary folder.
 2. The state of each scenario (``--done`` rows done, plus each of ``--compare-done``) is made
    with the project's own code, without sending anything: the rows are planned exactly as a run
-   plans them (:class:`pipeline.runner.Runner`: ``planner.plan(batch, start)`` over
-   :func:`pipeline.sources.iter_batches`, prompts counted with
-   :func:`pipeline.plan.with_prompt_tokens`), and for each done row the journal gets what a
+   plans them (:class:`pipeline.engine.runner.Runner`: ``planner.plan(batch, start)`` over
+   :func:`pipeline.io.sources.iter_batches`, prompts counted with
+   :func:`pipeline.rows.plan.with_prompt_tokens`), and for each done row the journal gets what a
    real run writes: its intent (``sent/``, with the worst-case cost) and an ``ok``
-   :class:`~pipeline.records.RowResult` (``results/``), all in run 1, which then ends as
+   :class:`~pipeline.results.RowResult` (``results/``), all in run 1, which then ends as
    ``interrupted``. ``pipeline status --json`` must then show ``done`` ok and the rest pending
    (its wall time is printed).
 3. Each scenario is resumed with ``python -m pipeline run job.toml`` (through a two-line launcher
@@ -75,17 +75,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.jobspec import load_job
-from pipeline.journal import Intent
-from pipeline.localserver import LocalServer, StatsClient
-from pipeline.plan import with_prompt_tokens
-from pipeline.pricing import Usage, cost
-from pipeline.records import RowResult
-from pipeline.runner import Runner
-from pipeline.seals import Seal, batch_digest
-from pipeline.server import ServerOptions
-from pipeline.sources import iter_batches
-from pipeline.state import INTERRUPTED
+from pipeline.engine.runner import Runner
+from pipeline.io.sources import iter_batches
+from pipeline.job.spec import load_job
+from pipeline.money.pricing import Usage, cost
+from pipeline.results import RowResult
+from pipeline.rows.plan import with_prompt_tokens
+from pipeline.server.app import ServerOptions
+from pipeline.server.process import LocalServer, StatsClient
+from pipeline.state.journal import Intent
+from pipeline.state.runs import INTERRUPTED
+from pipeline.state.seals import Seal, batch_digest
 
 POLL_S = 0.02
 FIRST_SEND_LIMIT_S = 10.0

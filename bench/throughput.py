@@ -39,8 +39,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.localserver import LocalServer, StatsClient, server_stats
-from pipeline.server import ServerOptions
+from pipeline.server.app import ServerOptions
+from pipeline.server.process import LocalServer, StatsClient, server_stats
 
 HERE = Path(__file__).resolve().parent
 MAX_TOKENS = 32

@@ -11,6 +11,9 @@ The public API; everything else is internal and may change::
 
 from __future__ import annotations
 
+from pipeline.engine.report import Reporter, RunReport
+from pipeline.engine.runner import Runner, RunOptions
+from pipeline.engine.status import JobStatus, job_status
 from pipeline.errors import (
     AuthError,
     InputError,
@@ -20,10 +23,8 @@ from pipeline.errors import (
     StateError,
     UsageError,
 )
-from pipeline.jobspec import JobSpec, Overrides, apply_overrides, load_job, parse_job
-from pipeline.pricing import Price, Usage, cost, resolve_price
-from pipeline.runner import Reporter, Runner, RunOptions, RunReport
-from pipeline.status import JobStatus, job_status
+from pipeline.job.spec import JobSpec, Overrides, apply_overrides, load_job, parse_job
+from pipeline.money.pricing import Price, Usage, cost, resolve_price
 
 __version__ = "0.1.0"
 

@@ -14,16 +14,16 @@ try:
 except ModuleNotFoundError:  # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.localserver import LocalServer
-from pipeline.server import ServerOptions
+from pipeline.server.app import ServerOptions
+from pipeline.server.process import LocalServer
 
 
 @pytest.fixture
 def local_server() -> Iterator[Callable[..., str]]:
     """A factory: ``local_server(**options) -> base_url``; every server stops at test end.
 
-    The options are :class:`pipeline.server.ServerOptions` fields. Read the counters with
-    :func:`pipeline.localserver.server_stats` on the base URL.
+    The options are :class:`pipeline.server.app.ServerOptions` fields. Read the counters with
+    :func:`pipeline.server.process.server_stats` on the base URL.
     """
     servers: list[LocalServer] = []
 

@@ -1,14 +1,13 @@
-"""The verdict on an answer (pipeline.answers): pure, no network."""
+"""The verdict on an answer (pipeline.rows.verdict): pure, no network."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pipeline.answers import AnswerRules, AskAgain, Fail, Keep, judge
-from pipeline.client import Reply
-from pipeline.records import ToolCall
-from pipeline.schema import OutputSchema
+from pipeline.results import Reply, ToolCall
+from pipeline.rows.schema import OutputSchema
+from pipeline.rows.verdict import AnswerRules, AskAgain, Fail, Keep, judge
 
 SCHEMA = OutputSchema.load(
     {

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.assembly import OrderedOutput, Waiting
-from pipeline.jobspec import JobSpec, parse_job
-from pipeline.records import RowResult
-from pipeline.resume import Track
-from pipeline.runner import Runner, RunOptions
+from pipeline.engine.runner import Runner, RunOptions
+from pipeline.io.ordered import OrderedOutput, Waiting
+from pipeline.job.spec import JobSpec, parse_job
+from pipeline.results import RowResult
+from pipeline.state.resume import Track
 
 
 def _batch(rows: int) -> pa.RecordBatch:

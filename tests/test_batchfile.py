@@ -15,7 +15,8 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.batchfile import (
+from pipeline.errors import InputError, UsageError
+from pipeline.io.openai_batch import (
     BATCH_COLUMNS,
     BatchPlanner,
     BatchScan,
@@ -24,8 +25,7 @@ from pipeline.batchfile import (
     looks_like_batch_file,
     scan_batch_file,
 )
-from pipeline.errors import InputError, UsageError
-from pipeline.templating import encode_body, request_key
+from pipeline.rows.templating import encode_body, request_key
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "openai_batch.jsonl"
 URL = "https://llm.example/v1/chat/completions"
@@ -449,9 +449,9 @@ def test_export_errors(tmp_path: Path) -> None:
 def test_a_batch_file_is_read_once_to_make_its_job_and_prepare_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import batchfile
-    from pipeline.batchfile import batch_file_job
-    from pipeline.runner import Runner
+    from pipeline.engine.runner import Runner
+    from pipeline.io import openai_batch as batchfile
+    from pipeline.io.openai_batch import batch_file_job
 
     path = write_lines(tmp_path / "batch.jsonl", [request(f"r{i}") for i in range(5)])
     passes: list[int | None] = []

@@ -9,9 +9,10 @@ import anyio
 import httpx
 import pytest
 
-from pipeline.client import ChatClient, parse_retry_after, parse_usage
-from pipeline.pricing import Usage
-from pipeline.retry import Failure
+from pipeline.money.pricing import Usage
+from pipeline.provider.client import ChatClient
+from pipeline.provider.retry import Failure
+from pipeline.provider.wire import parse_retry_after, parse_usage
 
 URL = "http://provider.test/v1/chat/completions"
 OK_BODY = {
@@ -151,7 +152,7 @@ def test_api_key_never_appears_in_errors() -> None:
     body = {"error": {"message": "Incorrect API key provided: sk-secret-123456"}}
     attempt = send(lambda r: httpx.Response(401, json=body))
     # The client reports what the server said; the runner redacts before anything is shown.
-    from pipeline.redact import redact
+    from pipeline.provider.redact import redact
 
     assert "sk-secret" not in redact(attempt.error, "sk-secret-123456")  # type: ignore[attr-defined]
     assert "sk-secret" not in redact("key sk-secret-abcdef was wrong", None)

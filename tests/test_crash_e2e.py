@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.localserver import server_stats
+from pipeline.server.process import server_stats
 
 ROWS = 1500
 IN_FLIGHT = 16

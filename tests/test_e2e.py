@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.localserver import server_stats
+from pipeline.cli.commands import cli
+from pipeline.server.process import server_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-e2e-do-not-leak-0123456789"
@@ -242,7 +242,7 @@ def test_python_dash_m_help() -> None:
 def test_a_second_run_starts_at_the_hidden_limit_the_first_one_found(
     tmp_path: Path, local_server: Callable[..., str]
 ) -> None:
-    from pipeline.localserver import reset_server_stats
+    from pipeline.server.process import reset_server_stats
 
     base = local_server(latency_ms=20, max_concurrency=8, seed=3)
     job = job_file(tmp_path, base_url=base, limits="max_attempts = 20")  # max_in_flight 32

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.cli_estimate import estimate
-from pipeline.estimate import (
+from pipeline.cli.commands import cli
+from pipeline.cli.estimate import estimate
+from pipeline.engine.runner import Runner
+from pipeline.estimate.scan import (
     Observation,
     estimate_duration,
     output_interval,
@@ -23,15 +24,14 @@ from pipeline.estimate import (
     summarize,
     tokenize_bodies,
 )
-from pipeline.jobspec import Overrides, apply_overrides, load_job
-from pipeline.localserver import StatsClient
-from pipeline.prefix import BLOCK_TOKENS
-from pipeline.pricing import Usage
-from pipeline.records import RowResult
-from pipeline.runner import Runner
-from pipeline.sources import iter_batches
-from pipeline.state import JobState
-from pipeline.tokens import count_prompt_tokens
+from pipeline.io.sources import iter_batches
+from pipeline.job.spec import Overrides, apply_overrides, load_job
+from pipeline.money.pricing import Usage
+from pipeline.results import RowResult
+from pipeline.rows.prefix import BLOCK_TOKENS
+from pipeline.rows.tokens import count_prompt_tokens
+from pipeline.server.process import StatsClient
+from pipeline.state.runs import JobState
 
 ROOT = Path(__file__).resolve().parent.parent
 REVIEWS = ROOT / "data/sample/reviews.parquet"
@@ -133,7 +133,7 @@ def test_tokenize_bodies_agrees_with_count_prompt_tokens() -> None:
 
 
 def test_tokenize_bodies_in_several_tokenizer_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.estimate.ENCODE_CHUNK", 3)
+    monkeypatch.setattr("pipeline.estimate.scan.ENCODE_CHUNK", 3)
     bodies: list[dict[str, Any]] = [
         {
             "model": "deepseek-v4-flash",
@@ -492,7 +492,7 @@ path = "out.parquet"
 
 
 def test_a_percentage_sample_has_a_floor_and_a_count_is_taken_as_given() -> None:
-    from pipeline.cli_estimate import MIN_SAMPLE_ROWS, sample_rows
+    from pipeline.cli.estimate import MIN_SAMPLE_ROWS, sample_rows
 
     assert sample_rows(10_000, 0, 2.0) == 200
     assert sample_rows(300, 0, 2.0) == MIN_SAMPLE_ROWS  # 6 rows would say little

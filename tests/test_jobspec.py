@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import JobFileError
-from pipeline.jobspec import Overrides, apply_overrides, load_job, parse_job
+from pipeline.job.spec import Overrides, apply_overrides, load_job, parse_job
 
 GOOD = """
 name = "label"

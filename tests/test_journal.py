@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import StateError
-from pipeline.journal import BUCKET_ROWS, Intent, Journal
-from pipeline.pricing import Usage
-from pipeline.records import RowResult
-from pipeline.state import JobState
+from pipeline.money.pricing import Usage
+from pipeline.results import RowResult
+from pipeline.state.journal import BUCKET_ROWS, Intent, Journal
+from pipeline.state.runs import JobState
 
 
 def result(row: int, key: str | None = None, status: str = "ok") -> RowResult:

@@ -15,7 +15,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from pipeline.localserver import server_stats
+from pipeline.server.process import server_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.limits import (
+from pipeline.provider.limits import (
     Grant,
     Limiter,
     LimiterConfig,
@@ -799,7 +799,7 @@ def test_acquire_raises_never_fits() -> None:
 
 
 def test_a_run_that_hit_a_ceiling_makes_the_next_start_just_under_it() -> None:
-    from pipeline.limits import LearnedLimit, start_from
+    from pipeline.provider.limits import LearnedLimit, start_from
 
     config = start_from(LimiterConfig(max_in_flight=500), LearnedLimit(cap=36, ceiling=40))
     state = LimiterState(config, rng=random.Random(0))
@@ -813,7 +813,7 @@ def test_a_run_that_hit_a_ceiling_makes_the_next_start_just_under_it() -> None:
 
 
 def test_a_run_without_429s_makes_the_next_start_at_the_cap_it_reached() -> None:
-    from pipeline.limits import LearnedLimit, start_from
+    from pipeline.provider.limits import LearnedLimit, start_from
 
     base = LimiterConfig(max_in_flight=256)
     assert start_from(base, LearnedLimit(cap=256, ceiling=None)).start_cap == 256
@@ -827,7 +827,7 @@ def test_a_run_without_429s_makes_the_next_start_at_the_cap_it_reached() -> None
     [None, [], {}, {"cap": 0}, {"cap": "8"}, {"cap": 8, "ceiling": -1}, {"cap": True}],
 )
 def test_a_damaged_learned_record_is_ignored(data: object) -> None:
-    from pipeline.limits import LearnedLimit
+    from pipeline.provider.limits import LearnedLimit
 
     assert LearnedLimit.from_dict(data) is None
     assert LearnedLimit.from_dict({"cap": 8, "ceiling": None}) == LearnedLimit(cap=8, ceiling=None)

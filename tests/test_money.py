@@ -17,13 +17,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.budget import Budget
+from pipeline.engine.report import RunReport
+from pipeline.engine.runner import Runner, RunOptions
+from pipeline.engine.summary import summary_path
 from pipeline.errors import JobFileError
-from pipeline.jobspec import JobSpec, Overrides, apply_overrides, parse_job
-from pipeline.pricing import Usage, cost, resolve_price
-from pipeline.runner import Runner, RunOptions, RunReport
-from pipeline.state import JobState
-from pipeline.summary import summary_path
+from pipeline.job.spec import JobSpec, Overrides, apply_overrides, parse_job
+from pipeline.money.budget import Budget
+from pipeline.money.pricing import Usage, cost, resolve_price
+from pipeline.state.runs import JobState
 
 PROMPT_TOKENS = 10
 COMPLETION_TOKENS = 3

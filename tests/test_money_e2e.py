@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.localserver import server_stats
+from pipeline.server.process import server_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_OVER_BUDGET = 0, 3, 4

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.prefix import BLOCK_TOKENS, PrefixCache
+from pipeline.rows.prefix import BLOCK_TOKENS, PrefixCache
 
 
 def ids(seed: int, n: int) -> list[int]:

@@ -6,10 +6,11 @@ from decimal import Decimal
 import pytest
 
 from pipeline.errors import JobFileError
-from pipeline.jobspec import PriceOverride, parse_job
-from pipeline.pricing import (
+from pipeline.job.spec import parse_job
+from pipeline.money.pricing import (
     OffPeak,
     Price,
+    PriceOverride,
     Usage,
     builtin_price,
     cost,

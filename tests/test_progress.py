@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import progress
-from pipeline.jobspec import parse_job
-from pipeline.progress import LiveReporter
-from pipeline.sources import InputFile, InputScan
-from pipeline.stats import RunStats
+from pipeline.cli import display as progress
+from pipeline.cli.display import LiveReporter
+from pipeline.engine.stats import RunStats
+from pipeline.io.sources import InputFile, InputScan
+from pipeline.job.spec import parse_job
 
 JOB = """
 name = "brackets[1]"

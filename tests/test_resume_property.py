@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.jobspec import JobSpec, parse_job
-from pipeline.runner import Runner, RunOptions
-from pipeline.state import JobState
+from pipeline.engine.runner import Runner, RunOptions
+from pipeline.job.spec import JobSpec, parse_job
+from pipeline.state.runs import JobState
 
 OUTCOMES = ("ok", "ok", "ok", "ok", "500", "drop", "billed-malformed", "400")
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.retry import (
+from pipeline.provider.retry import (
     Failure,
     GiveUp,
     Retry,

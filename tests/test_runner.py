@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.engine.runner import Runner, RunOptions
 from pipeline.errors import AuthError, JobFileError, ProviderError
-from pipeline.jobspec import JobSpec, parse_job
-from pipeline.plan import Planner
-from pipeline.runner import Runner, RunOptions
-from pipeline.seals import SealBook
+from pipeline.job.spec import JobSpec, parse_job
+from pipeline.rows.plan import Planner
+from pipeline.state.seals import SealBook
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -329,7 +329,7 @@ def test_a_changed_template_invalidates_every_seal(tmp_path: Path) -> None:
 def test_status_counts_sealed_batches_from_their_seals(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.status import job_status
+    from pipeline.engine.status import job_status
 
     job = make_job(tmp_path, rows=30)
 

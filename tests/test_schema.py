@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped,unused-ignore]
 
 from pipeline.errors import JobFileError
-from pipeline.schema import Invalid, OutputSchema
+from pipeline.rows.schema import Invalid, OutputSchema
 
 SOURCE = Path("jobs/label.toml")
 KEY = "[output] schema"

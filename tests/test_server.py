@@ -17,10 +17,9 @@ import httpx
 import pytest
 from test_simulate import answer_conforms
 
-from pipeline import tokens
 from pipeline.errors import ProviderError
-from pipeline.localserver import LocalServer, reset_server_stats, server_argv, server_stats
-from pipeline.server import (
+from pipeline.rows import tokens
+from pipeline.server.app import (
     API_KEY_ENV,
     Outcome,
     RateLimiter,
@@ -32,14 +31,15 @@ from pipeline.server import (
     draw_fault,
     format_duration,
 )
-from pipeline.server_requests import (
+from pipeline.server.process import LocalServer, reset_server_stats, server_argv, server_stats
+from pipeline.server.requests import (
     ChatRequest,
     InvalidRequest,
     parse_chat_request,
     prompt_token_ids,
     reply_seed,
 )
-from pipeline.simulate import make_reply, reply_pieces, vocabulary
+from pipeline.server.simulate import make_reply, reply_pieces, vocabulary
 
 MODEL = "deepseek-v4-flash"
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import tokens
-from pipeline.server import ServerOptions
-from pipeline.simulate import (
+from pipeline.rows import tokens
+from pipeline.server.app import ServerOptions
+from pipeline.server.simulate import (
     Tool,
     fim_reply,
     make_reply,

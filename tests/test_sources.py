@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError, JobFileError
-from pipeline.sources import iter_batches, resolve_input, scan_input
+from pipeline.io.sources import iter_batches, resolve_input, scan_input
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]], *, gz: bool = False) -> Path:

@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.engine.report import RunReport
+from pipeline.engine.runner import Runner, RunOptions
 from pipeline.errors import JobFileError
-from pipeline.jobspec import JobSpec, parse_job
-from pipeline.runner import Runner, RunOptions, RunReport
+from pipeline.job.spec import JobSpec, parse_job
 
 SCHEMA = """
 [output.schema]

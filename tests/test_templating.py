@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.templating import (
+from pipeline.rows.templating import (
     RenderFailure,
     RequestTemplate,
     encode_body,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import tokens
+from pipeline.rows import tokens
 
 MODEL = "deepseek-v4-flash"
 TOOLS = [

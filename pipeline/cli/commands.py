@@ -1,0 +1,286 @@
+"""The command line: ``pipeline run``, ``pipeline serve``.
+
+Exit codes: 0 every row ok; 1 the job could not run; 2 usage error (job file, flags, input);
+3 finished with failed rows; 4 stopped at the budget's cap; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import click
+
+from pipeline.cli.common import (
+    LOCAL_IDENTITY,
+    api_key_for,
+    endpoint,
+    load_job_or_batch,
+    load_to_read,
+    loop_options,
+    report_errors,
+    tune_gc,
+)
+from pipeline.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OVER_BUDGET,
+    EXIT_ROWS_FAILED,
+    JobFileError,
+)
+from pipeline.job.spec import Overrides, apply_overrides
+
+
+class _Cli(click.Group):
+    """Loads ``serve`` and ``estimate`` lazily so ``pipeline run`` does not import them."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "serve", "estimate"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "serve":
+            return _server_command()
+        if name == "estimate":
+            from pipeline.cli.estimate import estimate
+
+            return estimate
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeline")
+def cli() -> None:
+    """Batch LLM jobs against OpenAI-compatible endpoints: resumable, rate-limited, costed."""
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--local", is_flag=True, help="Run against the built-in server (no API key).")
+@click.option("--input", "input_path", help="Read rows from this file, glob or folder.")
+@click.option("--output", "output_path", help="Write the output Parquet here.")
+@click.option("--base-url", help="Send requests to this OpenAI-compatible base URL.")
+@click.option("--limit", type=click.IntRange(min=1), help="Process only the first N rows.")
+@click.option("--fresh", is_flag=True, help="Forget earlier results of this job; start over.")
+@click.option("--retry-failed", is_flag=True, help="Send rows again that ended failed.")
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop before the job's spend (all runs) could pass this many USD (exit code 4).",
+)
+@click.option("--model", help="OpenAI batch file: send every request to this model.")
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=1),
+    help="OpenAI batch file: requests in flight at most (default 64).",
+)
+@click.option(
+    "--api-key-env",
+    default="OPENAI_API_KEY",
+    show_default=True,
+    help="OpenAI batch file: the environment variable holding the API key.",
+)
+@report_errors
+def run(
+    job_file: str,
+    *,
+    local: bool,
+    input_path: str | None,
+    output_path: str | None,
+    base_url: str | None,
+    limit: int | None,
+    fresh: bool,
+    retry_failed: bool,
+    max_cost: float | None,
+    model: str | None,
+    max_in_flight: int | None,
+    api_key_env: str,
+) -> None:
+    """Run JOB_FILE: send one request per input row and write the output Parquet.
+
+    JOB_FILE is a job file (.toml), or an OpenAI Batch API input file (.jsonl) to run as it
+    is: give --base-url (or --local) and optionally --output, --model, --max-in-flight.
+    """
+    from pipeline.cli.display import LiveReporter
+    from pipeline.engine.runner import Runner, RunOptions
+
+    if local and base_url:
+        raise click.UsageError("--local and --base-url cannot be used together.")
+    overrides = Overrides(
+        input=input_path,
+        output=output_path,
+        base_url=base_url,
+        limit=limit,
+        max_cost=None if max_cost is None else Decimal(str(max_cost)),
+    )
+    job = apply_overrides(
+        load_job_or_batch(
+            job_file,
+            model=model,
+            max_in_flight=max_in_flight,
+            api_key_env=api_key_env,
+            base_url=base_url,
+            local=local,
+            limit=limit,
+        ),
+        overrides,
+    )
+    api_key = api_key_for(job, local=local)
+    reporter = LiveReporter()
+    options = RunOptions(fresh=fresh, retry_failed=retry_failed, handle_signals=True)
+    tune_gc()
+    with endpoint(job, local=local) as target:
+        runner = Runner(target, api_key=api_key, options=options, reporter=reporter)
+        scan = runner.prepare()
+        for warning in runner.warnings():
+            click.echo(f"warning: {warning}", err=True)
+        try:
+            report = anyio.run(runner.run, scan, backend_options=loop_options())
+        except KeyboardInterrupt:
+            reporter.close()
+            click.echo(
+                f"\ninterrupted: finished rows are saved in {target.output.state_path}. "
+                "Run the same command again to resume.",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+        finally:
+            reporter.close()
+    if report.interrupted:
+        click.echo(
+            f"interrupted: finished rows are saved in {target.output.state_path}. "
+            "Run the same command again to resume.",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    if report.over_budget and report.budget is not None:
+        budget = report.budget
+        click.echo(
+            f"stopped at the budget: ${budget.spent:.6f} spent of the ${budget.cap} cap, and "
+            "the next request could have passed it. Finished rows are kept in "
+            f"{target.output.state_path}. To continue, raise [budget] max_cost_usd or pass a "
+            "higher --max-cost and run the same command again: finished rows are not sent "
+            "again.",
+            err=True,
+        )
+        sys.exit(EXIT_OVER_BUDGET)
+    sys.exit(EXIT_OK if report.all_ok else EXIT_ROWS_FAILED)
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--input", "input_path", help="The input, if the run used --input.")
+@click.option("--output", "output_path", help="The output, if the run used --output.")
+@click.option("--limit", type=click.IntRange(min=1), help="The --limit the run used.")
+@click.option("--base-url", help="The --base-url the run used.")
+@click.option("--local", is_flag=True, help="Show the results of --local runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@report_errors
+def status(
+    job_file: str,
+    *,
+    input_path: str | None,
+    output_path: str | None,
+    limit: int | None,
+    base_url: str | None,
+    local: bool,
+    as_json: bool,
+) -> None:
+    """Show where JOB_FILE stands: rows done / failed / pending, spend, the last run."""
+    import json
+
+    from pipeline.cli.display import print_status
+    from pipeline.engine.runner import Runner
+    from pipeline.engine.status import job_status
+
+    overrides = Overrides(
+        input=input_path,
+        output=output_path,
+        limit=limit,
+        base_url=base_url,
+        identity=LOCAL_IDENTITY if local else None,
+    )
+    job = load_to_read(job_file, limit=limit)
+    runner = Runner(apply_overrides(job, overrides), api_key=None)
+    report = job_status(runner, runner.prepare())
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_status(report)
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["openai-batch"]),
+    default="openai-batch",
+    show_default=True,
+    help="openai-batch: the OpenAI Batch API's output file format (also vLLM run-batch's).",
+)
+@click.option("--output", "output_path", help="The run's output, if it used --output.")
+@click.option("--to", "dest", help="Write here (default: beside the output, .jsonl).")
+@report_errors
+def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None) -> None:
+    """Write JOB_FILE's results in another tool's format (nothing is sent)."""
+    from pathlib import Path
+
+    from pipeline.io.openai_batch import export_openai_batch
+
+    job = apply_overrides(
+        load_to_read(job_file),
+        Overrides(output=output_path),
+    )
+    source = Path(job.output.path)
+    if not source.is_file():
+        raise JobFileError(
+            job.source,
+            "[output] path",
+            f"there is no output at {source} yet.",
+            "Run the job first (or pass --output if the run used it).",
+        )
+    target = Path(dest) if dest else source.with_name(f"{source.stem}.{fmt}.jsonl")
+    rows = export_openai_batch(source, target, endpoint=job.request.endpoint)
+    click.echo(f"wrote {rows:,} results to {target} ({fmt})")
+
+
+def _server_command() -> click.Command:
+    """``pipeline serve``, with one option per field of :class:`ServerOptions`."""
+    from pipeline.server.app import API_KEY_ENV, ServerOptions, serve
+
+    @click.command(name="serve")
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+    @click.option("--port", default=8000, show_default=True, help="Port (0 picks a free one).")
+    def command(host: str, port: int, **fields: Any) -> None:
+        """Run the built-in OpenAI-compatible server (what tests and --local use)."""
+        options = ServerOptions(**fields)
+
+        def ready(bound: int) -> None:
+            click.echo(f"listening on http://{host}:{bound}/v1 (profile {options.profile})")
+
+        serve(options, host=host, port=port, on_ready=ready)
+
+    for field in dataclasses.fields(ServerOptions):
+        default = field.default
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+        choices = field.metadata.get("choices")
+        kind: Any = click.Choice(list(choices)) if choices else type(default)
+        command = click.option(
+            flag,
+            field.name,
+            default=default,
+            show_default=field.name != "api_key",
+            type=kind,
+            help=field.metadata.get("help"),
+            envvar=API_KEY_ENV if field.name == "api_key" else None,
+        )(command)
+    return command
+
+
+def main() -> None:
+    cli()

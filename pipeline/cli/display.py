@@ -1,0 +1,253 @@
+"""What a person sees: a live bar on a terminal, plain log lines elsewhere, a summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from decimal import Decimal
+from typing import TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.engine.report import Reporter, RunReport
+from pipeline.engine.stats import Snapshot
+from pipeline.engine.status import JobStatus
+from pipeline.engine.summary import summary_path
+from pipeline.io.sources import InputScan
+from pipeline.job.spec import JobSpec
+from pipeline.money.pricing import CostParts
+
+LOG_EVERY_S = 10.0
+
+
+def by_kind(parts: CostParts) -> str:
+    """Dollars by kind of token, for display."""
+    return (
+        f"input {money(parts.uncached_input)}, cached input {money(parts.cached_input)}, "
+        f"output {money(parts.output)}"
+    )
+
+
+def money(value: Decimal | None, *, known: bool = True) -> str:
+    """Dollars for display; an unknown price shows as unknown, never as $0."""
+    if value is None or not known:
+        return "unknown (no price for this model)"
+    if value and abs(value) < Decimal("0.01"):
+        return f"${value:.6f}"
+    return f"${value:,.4f}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def figures(s: Snapshot, *, price_known: bool) -> str:
+    """One line of live figures."""
+    parts = [
+        f"ok {s.ok + s.resumed_rows - s.resumed_failed:,}",
+        f"failed {s.failed + s.resumed_failed:,}",
+        f"{s.requests_per_s:,.1f} req/s",
+        f"{s.tokens_per_s:,.0f} tok/s",
+        money(s.cost_usd, known=price_known) if price_known else "cost unknown",
+        f"ETA {duration(s.eta_s)}",
+        f"in flight {s.in_flight}",
+    ]
+    limiter = s.limiter
+    if limiter is not None:
+        parts.append(f"cap {limiter.cap}/{limiter.max_in_flight}")
+        rpm = f"/{limiter.requests_per_minute:,}" if limiter.requests_per_minute else ""
+        parts.append(f"{limiter.requests_last_minute:,}{rpm} req/min")
+        tpm = f"/{limiter.tokens_per_minute:,}" if limiter.tokens_per_minute else ""
+        parts.append(f"{limiter.tokens_last_minute:,}{tpm} tok/min")
+    if s.retries:
+        parts.append(f"retries {s.retries:,}")
+    if s.rate_limited:
+        parts.append(f"429s {s.rate_limited:,}")
+    return " · ".join(parts)
+
+
+class LiveReporter(Reporter):
+    """A rich live display on a terminal, or a log line every few seconds elsewhere."""
+
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        probe = Console(file=self.stream)
+        self.live_mode = probe.is_terminal if live is None else live
+        # Log lines are never wrapped when the output is not a terminal.
+        width = None if probe.is_terminal else 200
+        self.console = Console(file=self.stream, highlight=False, width=width)
+        self._live: Live | None = None
+        self._last_log = time.monotonic()
+        self._job = ""
+        self._price_known = True
+
+    def start(self, job: JobSpec, scan: InputScan) -> None:
+        from pipeline.money.pricing import resolve_price
+
+        self._job = job.name
+        self._price_known = (
+            resolve_price(job.request.base_url, job.request.model, job.pricing) is not None
+        )
+        files = len(scan.files)
+        name, url, model = (
+            escape(text) for text in (job.name, job.request.base_url, job.request.model)
+        )
+        self.console.print(
+            f"[bold]{name}[/bold]: {scan.rows:,} rows from {files} file"
+            f"{'s' if files != 1 else ''} -> {url} ({model}), up to "
+            f"{job.limits.max_in_flight} in flight"
+        )
+        if not self._price_known:
+            self.console.print(
+                f"No price is known for {job.request.model} at {job.request.base_url}: costs "
+                "will show as unknown. Add a [pricing] table to the job to track spend.",
+                style="yellow",
+                markup=False,
+            )
+        if self.live_mode:
+            self._live = Live(console=self.console, refresh_per_second=4, transient=True)
+            self._live.start()
+
+    def _render(self, s: Snapshot) -> Group:
+        total = max(s.total_rows, 1)
+        bar = ProgressBar(total=total, completed=s.done, width=40)
+        head = Text(f"{s.done:,}/{s.total_rows:,} rows ({100 * s.done / total:.1f}%)  ")
+        line = Table.grid(padding=(0, 1))
+        line.add_row(bar, head)
+        return Group(line, Text(figures(s, price_known=self._price_known), style="dim"))
+
+    def update(self, snapshot: Snapshot) -> None:
+        if self._live is not None:
+            self._live.update(self._render(snapshot))
+            return
+        now = time.monotonic()
+        if now - self._last_log < LOG_EVERY_S:
+            return
+        self._last_log = now
+        s = snapshot
+        pct = 100 * s.done / max(s.total_rows, 1)
+        self.console.print(
+            f"[{self._job}] {s.done:,}/{s.total_rows:,} rows ({pct:.1f}%) · "
+            + figures(s, price_known=self._price_known),
+            markup=False,
+        )
+
+    def notice(self, message: str) -> None:
+        console = self._live.console if self._live is not None else self.console
+        console.print(message, style="yellow", markup=False)
+
+    def finish(self, report: RunReport) -> None:
+        self.close()
+        print_summary(self.console, report)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def print_summary(console: Console, report: RunReport) -> None:
+    s = report.final
+    table = Table(title=f"{report.job}: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("rows ok", f"{s.ok + s.resumed_rows - s.resumed_failed:,}")
+    table.add_row("rows failed", f"{s.failed + s.resumed_failed:,}")
+    if s.truncated:
+        table.add_row("  of them truncated", f"{s.truncated:,} (finish_reason length)")
+    if s.reasks:
+        table.add_row("re-asks", f"{s.reasks:,} (answers that failed the schema, billed)")
+    if s.resumed_rows:
+        table.add_row("from earlier runs", f"{s.resumed_rows:,}")
+    table.add_row(
+        "requests sent", f"{s.requests:,} ({s.retries:,} retries, {s.rate_limited:,} 429s)"
+    )
+    table.add_row("input tokens", f"{s.usage.prompt_tokens:,} ({s.usage.cached_tokens:,} cached)")
+    table.add_row(
+        "output tokens",
+        f"{s.usage.completion_tokens:,} ({s.usage.reasoning_tokens:,} reasoning)",
+    )
+    table.add_row("cost (this run)", money(s.cost_usd, known=report.price_known))
+    parts = s.cost_parts
+    if parts is not None and report.price_known and parts.total:
+        table.add_row("  by kind", by_kind(parts))
+    if report.budget is not None:
+        budget = report.budget
+        stopped = " (stopped: the next request could pass it)" if report.over_budget else ""
+        table.add_row("budget", f"{money(budget.spent)} spent of {money(budget.cap)}{stopped}")
+    table.add_row("wall time", f"{s.elapsed_s:.1f} s ({s.requests_per_s:,.1f} req/s)")
+    if report.suspects is not None:
+        worst = report.suspects.worst_cost_usd
+        table.add_row(
+            "possibly billed twice",
+            f"{report.suspects.count:,} (worst case {money(worst)})",
+        )
+    if report.interrupted or report.over_budget:
+        pending = s.total_rows - s.done
+        table.add_row("output", f"{report.output} ({report.output_rows:,} finished rows so far)")
+        table.add_row("pending", f"{pending:,} rows: run the same command again to resume")
+    else:
+        table.add_row("output", str(report.output))
+    table.add_row("run summary", f"{summary_path(report.output)} (tokens and dollars by kind)")
+    console.print(table)
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def print_status(status: JobStatus, console: Console | None = None) -> None:
+    """``pipeline status`` for a person."""
+    console = console or Console(highlight=False)
+    table = Table(title=f"{status.job}: status", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("state folder", status.state_dir)
+    table.add_row(
+        "rows",
+        f"{status.rows:,} total: {status.ok:,} ok, {status.failed:,} failed, "
+        f"{status.pending:,} pending",
+    )
+    spent = status.spent
+    table.add_row(
+        "tokens so far",
+        f"{spent.prompt_tokens:,} in ({spent.cached_tokens:,} cached), "
+        f"{spent.completion_tokens:,} out ({spent.reasoning_tokens:,} reasoning)",
+    )
+    table.add_row("cost so far", money(status.spent_usd))
+    parts = status.spent_parts
+    if parts is not None and parts.total:
+        table.add_row("  by kind", f"{by_kind(parts)} (at today's price)")
+    last = status.last_run
+    if last is None:
+        table.add_row("last run", "none yet")
+    else:
+        if last.how is not None:
+            ended = f"ended {_when(last.ended_at)} ({last.how})"
+        elif status.running:
+            ended = f"running now ({status.running})"
+        else:
+            ended = "did not end: the process was killed or crashed"
+        table.add_row("last run", f"#{last.run}, started {_when(last.started_at)}, {ended}")
+    suspects = status.suspects
+    if suspects is None:
+        table.add_row("double-spend suspects", "none")
+    else:
+        table.add_row(
+            "double-spend suspects",
+            f"{suspects.count:,} requests of run {suspects.run} were in flight when it stopped "
+            f"(worst case {money(suspects.worst_cost_usd)}); the next run sends them again",
+        )
+    console.print(table)

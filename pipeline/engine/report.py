@@ -1,0 +1,60 @@
+"""What a run reports: the :class:`RunReport` at its end, and the :class:`Reporter` that
+receives its figures as it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.engine.stats import Snapshot
+from pipeline.io.sources import InputScan
+from pipeline.job.spec import JobSpec
+from pipeline.money.budget import Budget
+from pipeline.state.runs import COMPLETED, INTERRUPTED, OVER_BUDGET, Suspects
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunReport:
+    job: str
+    run: int
+    output: Path
+    final: Snapshot
+    price_known: bool
+    interrupted: bool = False
+    over_budget: bool = False
+    """The run stopped because the next request could have passed the budget's cap."""
+    budget: Budget | None = None
+    output_rows: int = 0
+    suspects: Suspects | None = None
+    """Requests the previous run left in flight (possibly billed twice)."""
+    state_dir: Path | None = None
+
+    @property
+    def all_ok(self) -> bool:
+        return self.final.failed == 0 and self.final.resumed_failed == 0
+
+    @property
+    def how(self) -> str:
+        """How the run ended: ``completed``, ``interrupted`` or ``over_budget``."""
+        if self.interrupted:
+            return INTERRUPTED
+        return OVER_BUDGET if self.over_budget else COMPLETED
+
+
+class Reporter:
+    """Receives the run's figures; the default does nothing (see :mod:`pipeline.cli.display`)."""
+
+    def start(self, job: JobSpec, scan: InputScan) -> None:
+        """Called once the input is scanned, before any request."""
+
+    def notice(self, message: str) -> None:
+        """Something a person should read now (a stop, requests left in flight)."""
+
+    def update(self, snapshot: Snapshot) -> None:
+        """Called every ``tick_s`` while the run goes on."""
+
+    def finish(self, report: RunReport) -> None:
+        """Called after the output is written."""
+
+    def close(self) -> None:
+        """Called last, whatever happened."""

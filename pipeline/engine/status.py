@@ -1,0 +1,106 @@
+"""``pipeline status``: where a job stands, read from its state folder; nothing is sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from pipeline.engine.runner import Runner
+from pipeline.io.sources import InputScan
+from pipeline.money.pricing import CostParts, Usage, cost_parts
+from pipeline.state.runs import RunRecord, Suspects
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    job: str
+    state_dir: str
+    rows: int
+    ok: int
+    failed: int
+    pending: int
+    spent: Usage
+    """Tokens of every result ever recorded for this job (every billed attempt)."""
+    spent_usd: Decimal | None
+    spent_parts: CostParts | None
+    """``spent`` by kind of token, at the job's current price."""
+    last_run: RunRecord | None
+    running: str | None
+    """Who holds the job's lock, if a run is in progress."""
+    suspects: Suspects | None
+
+    def to_dict(self) -> dict[str, Any]:
+        last = self.last_run
+        suspects = self.suspects
+        return {
+            "job": self.job,
+            "state_dir": self.state_dir,
+            "rows": {
+                "total": self.rows,
+                "ok": self.ok,
+                "failed": self.failed,
+                "pending": self.pending,
+            },
+            "spent": {
+                "prompt_tokens": self.spent.prompt_tokens,
+                "cached_tokens": self.spent.cached_tokens,
+                "completion_tokens": self.spent.completion_tokens,
+                "reasoning_tokens": self.spent.reasoning_tokens,
+                "cost_usd": None if self.spent_usd is None else str(self.spent_usd),
+                "cost_by_kind_usd": None
+                if self.spent_parts is None
+                else self.spent_parts.to_dict(),
+            },
+            "last_run": None
+            if last is None
+            else {
+                "run": last.run,
+                "started_at": last.started_at,
+                "ended_at": last.ended_at,
+                "how": last.how or ("running" if self.running else "did not end"),
+                "summary": last.summary,
+            },
+            "running": self.running,
+            "double_spend_suspects": None
+            if suspects is None
+            else {
+                "run": suspects.run,
+                "count": suspects.count,
+                "worst_cost_usd": None
+                if suspects.worst_cost_usd is None
+                else str(suspects.worst_cost_usd),
+            },
+        }
+
+
+def job_status(runner: Runner, scan: InputScan) -> JobStatus:
+    """Count rows by their current result and sum what the journal says was spent.
+
+    A batch sealed by a run, and unchanged since, is counted from its seal without planning
+    its rows (as a resume skips it); the others are planned and matched by request key.
+    """
+    ok = failed = pending = 0
+    cursor = runner.resume_cursor()
+    for batch in runner.input_batches(scan):
+        batch_ok, batch_failed, batch_pending = cursor.tally(batch)
+        ok += batch_ok
+        failed += batch_failed
+        pending += batch_pending
+    spent, spent_usd = runner.journal.spent()
+    history = runner.state.history()
+    running = runner.state.locked_by_other()
+    return JobStatus(
+        job=runner.job.name,
+        state_dir=str(runner.state.folder),
+        rows=scan.rows,
+        ok=ok,
+        failed=failed,
+        pending=pending,
+        spent=spent,
+        spent_usd=spent_usd,
+        spent_parts=None if runner.price is None else cost_parts(spent, runner.price),
+        last_run=history[-1] if history else None,
+        running=running,
+        suspects=None if running else runner.state.suspects(),
+    )

@@ -1,0 +1,1 @@
+"""Estimating a job before it spends anything: the tokenizing scan and the figures."""

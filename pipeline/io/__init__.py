@@ -1,0 +1,2 @@
+"""Sources and sinks: input files, the output Parquet written in input order, and OpenAI
+batch files."""

@@ -1,0 +1,166 @@
+"""The output Parquet file: one row per input row, in input order.
+
+The file is written to a temporary name beside the target (``.NAME.partial``, while the run
+goes), fsynced, and renamed into place, so a reader never sees a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, StateError
+from pipeline.results import RowResult
+from pipeline.rows.schema import OutputSchema
+
+TOOL_CALLS_TYPE = pa.list_(
+    pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+)
+"""Each call's function name and its arguments as the JSON text the model wrote."""
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("status", pa.string()),
+        ("response", pa.string()),
+        ("reasoning", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("attempts", pa.int64()),
+        ("latency_ms", pa.int64()),
+        ("error", pa.string()),
+        ("http_status", pa.int64()),
+        ("model", pa.string()),
+        ("reasks", pa.int64()),
+        ("tool_calls", TOOL_CALLS_TYPE),
+        ("response_id", pa.string()),
+    ]
+)
+RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
+
+
+def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
+    """Columns of :data:`RESULT_SCHEMA` for ``results``, in order."""
+    columns: dict[str, list[object]] = {name: [] for name in RESULT_COLUMNS}
+    for r in results:
+        columns["status"].append(r.status)
+        columns["response"].append(r.response)
+        columns["reasoning"].append(r.reasoning)
+        columns["finish_reason"].append(r.finish_reason)
+        columns["prompt_tokens"].append(r.usage.prompt_tokens)
+        columns["completion_tokens"].append(r.usage.completion_tokens)
+        columns["cached_tokens"].append(r.usage.cached_tokens)
+        columns["reasoning_tokens"].append(r.usage.reasoning_tokens)
+        columns["cost_usd"].append(None if r.cost_usd is None else float(r.cost_usd))
+        columns["attempts"].append(r.attempts)
+        columns["latency_ms"].append(r.latency_ms)
+        columns["error"].append(r.error)
+        columns["http_status"].append(r.http_status)
+        columns["model"].append(r.model)
+        columns["reasks"].append(r.reasks)
+        columns["tool_calls"].append([call.to_dict() for call in r.tool_calls] or None)
+        columns["response_id"].append(r.response_id)
+    return [pa.array(columns[field.name], type=field.type) for field in RESULT_SCHEMA]
+
+
+class OutputWriter:
+    """Writes output batches to ``path`` atomically."""
+
+    def __init__(self, path: Path, schema: OutputSchema | None = None) -> None:
+        self.path = path
+        self._answer = schema
+        self._tmp = path.with_name(f".{path.name}.partial")
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self.rows = 0
+
+    def __enter__(self) -> OutputWriter:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.unlink(missing_ok=True)  # left by a run that was killed
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the output folder {self.path.parent} ({exc})."
+            ) from None
+        return self
+
+    def write(
+        self,
+        id_array: pa.Array,
+        kept: Sequence[tuple[str, pa.Array]],
+        results: Sequence[RowResult],
+    ) -> None:
+        names = ["id", *(name for name, _ in kept)]
+        arrays = [id_array, *(array for _, array in kept)]
+        if self._answer is not None:
+            names.extend(self._answer.columns)
+            arrays.extend(self._answer.column_arrays([r.structured for r in results]))
+        names.extend(RESULT_COLUMNS)
+        arrays.extend(result_arrays(results))
+        batch = pa.RecordBatch.from_arrays(arrays, names=names)
+        if self._schema is None:
+            self._schema = pa.schema(
+                [
+                    f if not pa.types.is_null(f.type) else f.with_type(pa.string())
+                    for f in batch.schema
+                ]
+            )
+            try:
+                self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+            except OSError as exc:
+                raise self._cannot_write(exc) from None
+        try:
+            batch = batch.cast(self._schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise InputError(
+                self.path,
+                f"an input column changes type between rows ({exc}). "
+                "Give each kept column and the id column one type.",
+            ) from None
+        assert self._writer is not None
+        try:
+            self._writer.write_batch(batch)
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
+        self.rows += batch.num_rows
+
+    def _cannot_write(self, exc: OSError) -> StateError:
+        return StateError(
+            f"cannot write the output {self.path} ({exc.strerror or exc}). Every finished row "
+            "is kept in the state folder: free disk space or fix the folder's permissions, "
+            "then run the job again to write the output without sending them again."
+        )
+
+    def abort(self) -> None:
+        """Drop what was written: an output file already in place stays as it was."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        if self._writer is None:
+            return
+        try:
+            self._writer.close()
+            with self._tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            self._tmp.replace(self.path)
+        except OSError as exc_:
+            raise self._cannot_write(exc_) from None

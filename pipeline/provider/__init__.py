@@ -1,0 +1,2 @@
+"""The network seam: the client (the only network code), the limiter, the retry policy and
+the redaction of secrets."""

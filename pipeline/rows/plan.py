@@ -1,0 +1,111 @@
+"""Pure: turn a batch of input rows into planned requests (id, key, body or failure).
+
+The same planning runs when sending and when assembling the output, so both agree on each
+row's request key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from pipeline.rows.templating import RenderFailure, RequestTemplate, encode_body, request_key
+from pipeline.rows.tokens import count_prompt_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRow:
+    row: int
+    key: str
+    body: bytes | None
+    """The request body, or None when the row cannot be rendered."""
+    failure: str | None
+    prompt_tokens: int | None = None
+    """The prompt's token count (exact for DeepSeek models), when it was counted."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Planner:
+    template: RequestTemplate
+    url: str
+    id_column: str | None
+
+    @property
+    def columns(self) -> list[str]:
+        """The input columns that planning reads."""
+        wanted = list(self.template.columns)
+        if self.id_column is not None:
+            wanted.append(self.id_column)
+        return list(dict.fromkeys(wanted))
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Everything besides the rows' data that decides their request keys."""
+        template = self.template
+        return json.dumps(
+            {
+                "url": self.url,
+                "model": template.model,
+                "system": template.system,
+                "prompt": template.prompt,
+                "messages_column": template.messages_column,
+                "params": dict(template.params),
+                "id_column": self.id_column,
+                "columns": self.columns,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+
+    def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
+        """Planned rows for ``batch``, whose first row is input row ``start``."""
+        for planned, _ in self.plan_bodies(batch, start):
+            yield planned
+
+    def plan_bodies(
+        self, batch: pa.RecordBatch, start: int
+    ) -> Iterator[tuple[PlannedRow, dict[str, Any] | None]]:
+        """Planned rows with each body as a dict too (None when the row cannot be sent):
+        what counting the prompts needs, without decoding the JSON just encoded."""
+        rows: list[dict[str, Any]] = batch.to_pylist()
+        for offset, row in enumerate(rows):
+            index = start + offset
+            row_id = str(row[self.id_column]) if self.id_column is not None else str(index)
+            body = self.template.body(row)
+            if isinstance(body, RenderFailure):
+                key = request_key(self.url, b"", row_id)
+                yield PlannedRow(index, key, None, body.reason), None
+                continue
+            encoded = encode_body(body)
+            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None), body
+
+
+def with_prompt_tokens(rows: list[PlannedRow]) -> list[PlannedRow]:
+    """``rows`` with their prompts counted, in one parallel tokenizer batch."""
+    sendable = [row for row in rows if row.body is not None]
+    bodies = [json.loads(row.body) for row in sendable if row.body is not None]
+    counts = iter(count_prompt_tokens(bodies))
+    return [row if row.body is None else replace(row, prompt_tokens=next(counts)) for row in rows]
+
+
+class RowPlanner(Protocol):
+    """What resume planning and the output need of a planner: the job's own
+    (:class:`Planner`) or an OpenAI batch file's."""
+
+    @property
+    def columns(self) -> list[str]:
+        """The input columns that planning reads."""
+        ...
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Changes whenever what the rows would send changes."""
+        ...
+
+    def plan(self, batch: pa.RecordBatch, start: int) -> Iterator[PlannedRow]:
+        """The planned rows of ``batch``, whose first row is input row ``start``."""
+        ...

@@ -1,0 +1,2 @@
+"""The built-in OpenAI-compatible server: what tests and ``--local`` runs talk to. It
+imports nothing of the engine."""

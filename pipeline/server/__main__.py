@@ -1,0 +1,3 @@
+from pipeline.server.app import main
+
+main()
