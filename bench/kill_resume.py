@@ -56,7 +56,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.server.app import ServerOptions
+from pipeline.server.options import ServerOptions
 from pipeline.server.process import LocalServer, StatsClient
 from pipeline.state.runs import JobState, RunRecord
 

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.engine.runner import Runner  # noqa: E402
 from pipeline.io.sources import iter_batches  # noqa: E402
 from pipeline.job.spec import Overrides, apply_overrides, load_job  # noqa: E402
-from pipeline.server.app import ServerOptions  # noqa: E402
+from pipeline.server.options import ServerOptions  # noqa: E402
 from pipeline.server.process import LocalServer, server_stats  # noqa: E402
 
 SAMPLE_JOBS = [

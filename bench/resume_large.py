@@ -81,7 +81,7 @@ from pipeline.job.spec import load_job
 from pipeline.money.pricing import Usage, cost
 from pipeline.results import RowResult
 from pipeline.rows.plan import with_prompt_tokens
-from pipeline.server.app import ServerOptions
+from pipeline.server.options import ServerOptions
 from pipeline.server.process import LocalServer, StatsClient
 from pipeline.state.journal import Intent
 from pipeline.state.runs import INTERRUPTED

@@ -39,7 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.server.app import ServerOptions
+from pipeline.server.options import ServerOptions
 from pipeline.server.process import LocalServer, StatsClient, server_stats
 
 HERE = Path(__file__).resolve().parent

@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.server.app import ServerOptions
+from pipeline.server.options import ServerOptions
 from pipeline.server.process import LocalServer
 
 

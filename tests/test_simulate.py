@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.rows import tokens
-from pipeline.server.app import ServerOptions
+from pipeline.server.options import ServerOptions
 from pipeline.server.simulate import (
     Tool,
     fim_reply,

@@ -249,7 +249,8 @@ def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None
 
 def _server_command() -> click.Command:
     """``pipeline serve``, with one option per field of :class:`ServerOptions`."""
-    from pipeline.server.app import API_KEY_ENV, ServerOptions, serve
+    from pipeline.server.app import serve
+    from pipeline.server.options import API_KEY_ENV, ServerOptions
 
     @click.command(name="serve")
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")

@@ -87,7 +87,7 @@ def endpoint(job: JobSpec, *, local: bool) -> Iterator[JobSpec]:
     if not local:
         yield job
         return
-    from pipeline.server.app import ServerOptions
+    from pipeline.server.options import ServerOptions
     from pipeline.server.process import LocalServer
 
     with LocalServer(ServerOptions()) as base_url:

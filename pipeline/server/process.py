@@ -30,7 +30,7 @@ from typing import IO, Any, Final, NoReturn
 import httpx
 
 from pipeline.errors import ProviderError
-from pipeline.server.app import API_KEY_ENV, ServerOptions
+from pipeline.server.options import API_KEY_ENV, ServerOptions
 
 READY_LINE: Final = re.compile(rb"^listening on (http://\S+):(\d+)\s*$")
 STOP_GRACE_S: Final = 5.0

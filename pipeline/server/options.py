@@ -1,0 +1,137 @@
+"""How the built-in server behaves: :class:`ServerOptions`, one field per command-line flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+PROFILES: Final = ("deepseek", "openai")
+API_KEY_ENV: Final = "PIPELINE_SERVER_API_KEY"
+RANDOM_FAULT_NAMES: Final = (
+    "fault_500",
+    "fault_503",
+    "fault_502_html",
+    "fault_drop",
+    "fault_malformed",
+    "fault_timeout",
+)
+"""The faults a request draws at random, by their option names."""
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerOptions:
+    """How the built-in server behaves; every field is also a ``--field-name`` flag."""
+
+    profile: str = field(
+        default="deepseek",
+        metadata=_help("Provider to imitate: deepseek or openai.", choices=PROFILES),
+    )
+    latency_ms: float = field(default=200.0, metadata=_help("Time to answer a request, in ms."))
+    latency_jitter_ms: float = field(
+        default=0.0, metadata=_help("Up to this many ms more, drawn uniformly per request.")
+    )
+    max_concurrency: int = field(
+        default=0, metadata=_help("Hidden cap on requests in flight; more get 429 (0 = none).")
+    )
+    rpm: int = field(default=0, metadata=_help("openai profile: requests per minute (0 = none)."))
+    tpm: int = field(default=0, metadata=_help("openai profile: tokens per minute (0 = none)."))
+    api_key: str = field(
+        default="",
+        repr=False,
+        metadata=_help(f"Require this bearer key (also from ${API_KEY_ENV}); empty = no auth."),
+    )
+    seed: int = field(default=0, metadata=_help("Seed of the replies and the fault draws."))
+    reply_min_fraction: float = field(
+        default=0.3, metadata=_help("Shortest reply drawn, as a fraction of max_tokens.")
+    )
+    truncate_rate: float = field(
+        default=0.0,
+        metadata=_help("Fraction of text replies that run past max_tokens and are cut."),
+    )
+    reasoning_min_tokens: int = field(
+        default=32, metadata=_help("Fewest reasoning tokens drawn in thinking mode.")
+    )
+    reasoning_max_tokens: int = field(
+        default=256, metadata=_help("Most reasoning tokens drawn in thinking mode.")
+    )
+    keepalive_after_ms: float = field(
+        default=100.0,
+        metadata=_help("deepseek profile: stream empty keep-alive lines when slower than this."),
+    )
+    keepalive_interval_ms: float = field(
+        default=50.0, metadata=_help("deepseek profile: ms between keep-alive lines.")
+    )
+    fault_500: float = field(default=0.0, metadata=_help("Probability of a 500 JSON error."))
+    fault_503: float = field(default=0.0, metadata=_help("Probability of a 503 HTML page."))
+    fault_502_html: float = field(
+        default=0.0, metadata=_help("Probability of a proxy's 502 HTML page.")
+    )
+    fault_drop: float = field(
+        default=0.0, metadata=_help("Probability of closing the connection without an answer.")
+    )
+    fault_malformed: float = field(
+        default=0.0, metadata=_help("Probability of a 200 with a truncated JSON body.")
+    )
+    fault_timeout: float = field(
+        default=0.0, metadata=_help("Probability of not answering for timeout_hang_s.")
+    )
+    timeout_hang_s: float = field(
+        default=30.0, metadata=_help("How long a timeout fault keeps the request hanging.")
+    )
+    fault_400: float = field(
+        default=0.0,
+        metadata=_help("Fraction of distinct request bodies that always get 400."),
+    )
+    reject_substring: str = field(
+        default="", metadata=_help("Answer 400 to every request whose messages contain this.")
+    )
+    prefix_cache_entries: int = field(
+        default=100_000, metadata=_help("Prompt-prefix fingerprints the cache remembers.")
+    )
+    invalid_json_rate: float = field(
+        default=0.05,
+        metadata=_help(
+            "Fraction of schema answers and tool call arguments that break the schema "
+            "(never those asked for with strict: true)."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        for name in (
+            *RANDOM_FAULT_NAMES,
+            "fault_400",
+            "reply_min_fraction",
+            "invalid_json_rate",
+            "truncate_rate",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        total = sum(getattr(self, name) for name in RANDOM_FAULT_NAMES)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"the fault_* probabilities add up to {total:g}; at most 1 is allowed")
+        for name in (
+            "latency_ms",
+            "latency_jitter_ms",
+            "max_concurrency",
+            "rpm",
+            "tpm",
+            "reasoning_min_tokens",
+            "keepalive_after_ms",
+            "timeout_hang_s",
+            "prefix_cache_entries",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.keepalive_interval_ms <= 0:
+            raise ValueError("keepalive_interval_ms must be positive")
+        if self.reasoning_max_tokens < self.reasoning_min_tokens:
+            raise ValueError("reasoning_max_tokens must not be less than reasoning_min_tokens")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ValueError("seed must fit in 64 bits")
