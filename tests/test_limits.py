@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.provider.limiter import Limiter
 from pipeline.provider.limits import (
     Grant,
-    Limiter,
     LimiterConfig,
     LimiterState,
     NeverFits,

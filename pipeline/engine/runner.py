@@ -70,9 +70,9 @@ from pipeline.money.pricing import (
 )
 from pipeline.provider import retry
 from pipeline.provider.client import Attempt, ChatClient
+from pipeline.provider.limiter import Limiter
 from pipeline.provider.limits import (
     LearnedLimit,
-    Limiter,
     LimiterConfig,
     NeverFitsError,
     Outcome,

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pipeline.money.pricing import ZERO_COST, ZERO_USAGE, CostParts, Usage
-from pipeline.provider.limits import Limiter, LimiterSnapshot
+from pipeline.provider.limiter import Limiter
+from pipeline.provider.limits import LimiterSnapshot
 from pipeline.results import RowResult
 
 
