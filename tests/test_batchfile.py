@@ -20,11 +20,11 @@ from pipeline.io.openai_batch import (
     BATCH_COLUMNS,
     BatchPlanner,
     BatchScan,
-    export_openai_batch,
     iter_batch_records,
     looks_like_batch_file,
     scan_batch_file,
 )
+from pipeline.io.openai_export import export_openai_batch
 from pipeline.rows.templating import encode_body, request_key
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "openai_batch.jsonl"

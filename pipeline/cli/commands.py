@@ -228,7 +228,7 @@ def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None
     """Write JOB_FILE's results in another tool's format (nothing is sent)."""
     from pathlib import Path
 
-    from pipeline.io.openai_batch import export_openai_batch
+    from pipeline.io.openai_export import export_openai_batch
 
     job = apply_overrides(
         load_to_read(job_file),
