@@ -22,7 +22,7 @@ from pipeline.server.process import LocalServer
 def local_server() -> Iterator[Callable[..., str]]:
     """A factory: ``local_server(**options) -> base_url``; every server stops at test end.
 
-    The options are :class:`pipeline.server.app.ServerOptions` fields. Read the counters with
+    The options are :class:`pipeline.server.options.ServerOptions` fields. Read the counters with
     :func:`pipeline.server.process.server_stats` on the base URL.
     """
     servers: list[LocalServer] = []

@@ -19,19 +19,11 @@ from test_simulate import answer_conforms
 
 from pipeline.errors import ProviderError
 from pipeline.rows import tokens
-from pipeline.server.app import (
-    API_KEY_ENV,
-    Outcome,
-    RateLimiter,
-    ServerOptions,
-    ServerStats,
-    always_rejected,
-    body_digest,
-    build_parser,
-    draw_fault,
-    format_duration,
-)
+from pipeline.server.command import serve_command
+from pipeline.server.faults import ServerOutcome, always_rejected, body_digest, draw_fault
+from pipeline.server.options import API_KEY_ENV, ServerOptions
 from pipeline.server.process import LocalServer, reset_server_stats, server_argv, server_stats
+from pipeline.server.ratelimit import RateLimiter, format_duration
 from pipeline.server.requests import (
     ChatRequest,
     InvalidRequest,
@@ -40,6 +32,7 @@ from pipeline.server.requests import (
     reply_seed,
 )
 from pipeline.server.simulate import make_reply, reply_pieces, vocabulary
+from pipeline.server.stats import ServerStats
 
 MODEL = "deepseek-v4-flash"
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
@@ -101,9 +94,9 @@ def test_token_bucket_charges_prompt_plus_max_tokens() -> None:
 
 def test_fault_probabilities_add_up_in_order() -> None:
     options = ServerOptions(fault_500=0.1, fault_drop=0.2)
-    assert draw_fault(options, 0.05) is Outcome.SERVER_ERROR
-    assert draw_fault(options, 0.1) is Outcome.DROP
-    assert draw_fault(options, 0.299) is Outcome.DROP
+    assert draw_fault(options, 0.05) is ServerOutcome.SERVER_ERROR
+    assert draw_fault(options, 0.1) is ServerOutcome.DROP
+    assert draw_fault(options, 0.299) is ServerOutcome.DROP
     assert draw_fault(options, 0.31) is None
     assert draw_fault(ServerOptions(), 0.0) is None
 
@@ -258,9 +251,9 @@ def test_server_argv_round_trips_through_the_parser(monkeypatch: pytest.MonkeyPa
     argv = server_argv(options)
     assert "sk-secret" not in " ".join(argv)
     assert "sk-secret" not in repr(options)
-    args = build_parser().parse_args(["--port", "0", *argv])
+    args = serve_command.make_context("serve", ["--port", "0", *argv]).params
     fields = dataclasses.fields(ServerOptions)
-    parsed = ServerOptions(**{f.name: getattr(args, f.name) for f in fields})
+    parsed = ServerOptions(**{f.name: args[f.name] for f in fields})
     assert parsed == dataclasses.replace(options, api_key="")
 
 
@@ -568,15 +561,15 @@ def _observe(client: httpx.Client, base_url: str, body: dict[str, Any]) -> str:
     try:
         reply = client.post(f"{base_url}/chat/completions", json=body, timeout=0.5)
     except httpx.ReadTimeout:
-        return Outcome.TIMEOUT
+        return ServerOutcome.TIMEOUT
     except httpx.RemoteProtocolError:
-        return Outcome.DROP
+        return ServerOutcome.DROP
     if reply.status_code == 200:
         try:
             reply.json()
         except ValueError:
-            return Outcome.MALFORMED
-        return Outcome.OK
+            return ServerOutcome.MALFORMED
+        return ServerOutcome.OK
     if reply.status_code in (500, 400):
         assert reply.headers["content-type"] == "application/json"
         kind = "server_error" if reply.status_code == 500 else "invalid_request_error"
@@ -586,10 +579,10 @@ def _observe(client: httpx.Client, base_url: str, body: dict[str, Any]) -> str:
     assert reply.text.startswith("<html>")
     if reply.status_code == 503:
         assert "503 Service Temporarily Unavailable" in reply.text
-        return Outcome.UNAVAILABLE
+        return ServerOutcome.UNAVAILABLE
     assert reply.status_code == 502
     assert "502 Bad Gateway" in reply.text
-    return Outcome.BAD_GATEWAY
+    return ServerOutcome.BAD_GATEWAY
 
 
 @pytest.fixture(scope="module")
@@ -621,7 +614,7 @@ def test_each_fault_kind_is_visible_to_the_client(
         _observe(client, faulty_server.base_url, chat_body(f"faulty {i}", max_tokens=8))
         for i in range(60)
     )
-    assert set(seen) == {outcome.value for outcome in Outcome} - {"429", "401"}
+    assert set(seen) == {outcome.value for outcome in ServerOutcome} - {"429", "401"}
     stats = faulty_server.stats()
     for outcome, count in seen.items():
         assert stats[outcome] == count, outcome

@@ -15,16 +15,9 @@ from hypothesis import strategies as st
 
 from pipeline.rows import tokens
 from pipeline.server.options import ServerOptions
-from pipeline.server.simulate import (
-    Tool,
-    fim_reply,
-    make_reply,
-    schema_answer,
-    schema_in_messages,
-    schema_instance,
-    violating_text,
-    vocabulary,
-)
+from pipeline.server.requests import schema_in_messages
+from pipeline.server.schema_answers import schema_answer, schema_instance, violating_text
+from pipeline.server.simulate import Tool, fim_reply, make_reply, vocabulary
 
 # ---------------------------------------------------------------------------------------------
 # A tiny JSON Schema checker for the keywords the generator supports

@@ -6,10 +6,8 @@ Exit codes: 0 every row ok; 1 the job could not run; 2 usage error (job file, fl
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from decimal import Decimal
-from typing import Any
 
 import anyio
 import click
@@ -42,7 +40,9 @@ class _Cli(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "serve":
-            return _server_command()
+            from pipeline.server.command import serve_command
+
+            return serve_command
         if name == "estimate":
             from pipeline.cli.estimate import estimate
 
@@ -245,42 +245,6 @@ def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None
     target = Path(dest) if dest else source.with_name(f"{source.stem}.{fmt}.jsonl")
     rows = export_openai_batch(source, target, endpoint=job.request.endpoint)
     click.echo(f"wrote {rows:,} results to {target} ({fmt})")
-
-
-def _server_command() -> click.Command:
-    """``pipeline serve``, with one option per field of :class:`ServerOptions`."""
-    from pipeline.server.app import serve
-    from pipeline.server.options import API_KEY_ENV, ServerOptions
-
-    @click.command(name="serve")
-    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-    @click.option("--port", default=8000, show_default=True, help="Port (0 picks a free one).")
-    def command(host: str, port: int, **fields: Any) -> None:
-        """Run the built-in OpenAI-compatible server (what tests and --local use)."""
-        options = ServerOptions(**fields)
-
-        def ready(bound: int) -> None:
-            click.echo(f"listening on http://{host}:{bound}/v1 (profile {options.profile})")
-
-        serve(options, host=host, port=port, on_ready=ready)
-
-    for field in dataclasses.fields(ServerOptions):
-        default = field.default
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(default, bool):
-            flag = f"{flag}/--no-{field.name.replace('_', '-')}"
-        choices = field.metadata.get("choices")
-        kind: Any = click.Choice(list(choices)) if choices else type(default)
-        command = click.option(
-            flag,
-            field.name,
-            default=default,
-            show_default=field.name != "api_key",
-            type=kind,
-            help=field.metadata.get("help"),
-            envvar=API_KEY_ENV if field.name == "api_key" else None,
-        )(command)
-    return command
 
 
 def main() -> None:

@@ -1,3 +1,5 @@
-from pipeline.server.app import main
+"""``python -m pipeline.server``: the same command as ``pipeline serve``."""
 
-main()
+from pipeline.server.command import serve_command
+
+serve_command()

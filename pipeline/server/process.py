@@ -6,10 +6,11 @@
         ...  # base_url is "http://127.0.0.1:PORT/v1"
 
 The child is ``python -m pipeline.server --port 0 <flags>``; its first line on stdout names the
-port it bound. :class:`LocalServer` waits until ``GET /v1/models`` answers, and on exit sends
-SIGTERM, then SIGKILL after five seconds. A separate process keeps the server's CPU off the
-caller's event loop, as a real endpoint would. The API key, if any, travels in the child's
-environment (``PIPELINE_SERVER_API_KEY``), never on its command line.
+port it bound (:func:`pipeline.server.command.ready_line`). :class:`LocalServer` waits until
+``GET /v1/models`` answers, and on exit sends SIGTERM, then SIGKILL after five seconds. A
+separate process keeps the server's CPU off the caller's event loop, as a real endpoint would.
+The API key, if any, travels in the child's environment (``PIPELINE_SERVER_API_KEY``), never on
+its command line.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import httpx
 from pipeline.errors import ProviderError
 from pipeline.server.options import API_KEY_ENV, ServerOptions
 
-READY_LINE: Final = re.compile(rb"^listening on (http://\S+):(\d+)\s*$")
+READY_LINE: Final = re.compile(rb"^listening on (http://\S+):(\d+)/v1 \(profile [\w-]+\)\s*$")
+"""The child's first line: :func:`pipeline.server.command.ready_line`."""
 STOP_GRACE_S: Final = 5.0
 _PACKAGE_ROOT: Final = str(Path(__file__).resolve().parent.parent)
 

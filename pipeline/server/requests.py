@@ -1,7 +1,7 @@
 """The built-in server's reading of request bodies (pure): what a chat-completions or
-completions body asks for, checked as OpenAI checks it, with OpenAI's wording in the 400 it
-gives otherwise; and what the server derives from a request (its reply's seed, its prompt's
-tokens). :mod:`pipeline.server.app` serves them.
+completions body asks for (including a JSON Schema written into the prompt), checked as OpenAI
+checks it, with OpenAI's wording in the 400 it gives otherwise; and what the server derives
+from a request (its reply's seed, its prompt's tokens). :mod:`pipeline.server.app` serves them.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pipeline.rows import tokens
-from pipeline.server import simulate
 from pipeline.server.simulate import Tool
 
 DEFAULT_MAX_TOKENS: Final = 256
@@ -161,7 +160,7 @@ def _response_format(
     if kind == "json_object":
         if not any("json" in text.lower() for text in message_texts(messages)):
             raise InvalidRequest(JSON_WORD_MESSAGE, "messages")
-        return True, simulate.schema_in_messages(messages), False
+        return True, schema_in_messages(messages), False
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict):
@@ -177,6 +176,42 @@ def _response_format(
             )
         return True, schema, schema is not None and spec.get("strict") is True
     return False, None, False
+
+
+_FENCED_JSON: Final = re.compile(
+    r"^```json[ \t]*\r?\n(.*?)\r?\n```[ \t]*$", re.MULTILINE | re.DOTALL
+)
+
+
+def _texts_of(content: Any) -> Iterator[str]:
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                yield part["text"]
+
+
+def schema_in_messages(messages: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The JSON Schema a client wrote into its prompt: the last fenced ``json`` object block.
+
+    Only system and user messages count (an assistant's earlier answer is not a schema).
+    """
+    found: dict[str, Any] | None = None
+    for message in messages:
+        if message.get("role") not in ("system", "user"):
+            continue
+        for text in _texts_of(message.get("content")):
+            if "```json" not in text:
+                continue
+            for block in _FENCED_JSON.findall(text):
+                try:
+                    value = json.loads(block)
+                except ValueError:
+                    continue
+                if isinstance(value, dict):
+                    found = value
+    return found
 
 
 _FUNCTION_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
