@@ -19,11 +19,11 @@ from pipeline.provider.limits import (
     LimiterState,
     NeverFits,
     NeverFitsError,
-    RateLimitHeaders,
     Wait,
     parse_duration,
     parse_rate_limit_headers,
 )
+from pipeline.provider.rate_window import RateLimitHeaders
 
 
 def make(**config: object) -> LimiterState:

@@ -1,6 +1,7 @@
 """The anyio side of the limiter: :class:`Limiter` makes tasks wait for the pure
 :class:`~pipeline.provider.limits.LimiterState`, first come first served, without polling.
-The rules it applies are drawn in :mod:`pipeline.provider.limits`."""
+The rules it applies are drawn in :mod:`pipeline.provider.limits` and
+:mod:`pipeline.provider.rate_window`."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from pipeline.provider.limits import (
     NeverFits,
     NeverFitsError,
     Outcome,
-    RateLimitHeaders,
     Wait,
 )
+from pipeline.provider.rate_window import RateLimitHeaders
 
 
 @dataclass(slots=True, eq=False)

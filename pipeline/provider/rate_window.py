@@ -1,0 +1,248 @@
+"""The requests/min and tokens/min limits of the limiter: a sliding 60 s window, pacing, and
+the limits a provider advertises in its headers.
+
+Pure, like :class:`~pipeline.provider.limits.LimiterState`, which owns one
+:class:`RateWindow` and asks it, for every request, when the rate limits let it go: no I/O,
+no event loop, the time is passed in as ``now`` and never runs backwards (the state sees to
+that).
+
+**Requests/min and tokens/min budgets (optional).** Every grant is written to a log of the last
+60 s; a request is granted only if, counting it, the grants in the last 60 s number at most
+``requests_per_minute`` and their tokens sum to at most ``tokens_per_minute``. Hence, in *any*
+sliding 60-second window, at most ``requests_per_minute`` requests are granted and the tokens
+charged at grant time are at most ``tokens_per_minute``. A request reserves its estimated
+tokens; :meth:`~pipeline.provider.limits.LimiterState.settle` replaces the reservation by the
+real usage. Lowering frees budget at once; raising can push a window past the budget after the
+fact (the tokens were spent), and the limiter then holds new grants until the window is back
+under it. So the guarantee, exactly: in any window, the sum over grants of
+``min(reserved, actual)`` is within the budget, and with no underestimates the actual usage is
+too. A request whose estimate exceeds ``tokens_per_minute`` can never fit and gets
+:class:`~pipeline.provider.limits.NeverFits` at once. The log holds one entry per grant of the
+last 60 s and nothing older.
+
+**Pacing.** So that a fresh limiter does not send the whole minute's budget in its first
+instant, each budget also drives a GCRA pacer (a token bucket written as a "theoretical arrival
+time"): it holds ``burst_s`` seconds' worth of budget (default 1 s, i.e. ``limit / 60``, and at
+least one request) and refills at ``limit / 60`` per second. A request larger than the burst
+goes when the bucket is full and leaves it in debt.
+
+**Headers.** When a provider sends ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``
+(:func:`~pipeline.provider.limits.parse_rate_limit_headers`), a limit lower than the configured
+one (or any limit, when none is configured) is adopted; ``remaining-requests`` of 0, or
+``remaining-tokens`` smaller than the request that just came back, holds every new grant until
+that header's reset time (:func:`rate_exhausted`). A 429 that such headers explain (the budget,
+not concurrency, ran out) does not cut the in-flight cap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+WINDOW_S = 60.0
+"""The length of the sliding window the per-minute budgets apply to."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitHeaders:
+    """What a provider said about its rate limits; every field is optional."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    retry_after_s: float | None = None
+
+
+def rate_exhausted(headers: RateLimitHeaders | None, tokens: int) -> bool:
+    """Whether ``headers`` show the request or token budget used up for a request of
+    ``tokens``, so that a 429 with them is explained by the rate, not by concurrency."""
+    if headers is None:
+        return False
+    requests_gone = headers.remaining_requests == 0
+    left = headers.remaining_tokens
+    return requests_gone or (left is not None and left < max(1, tokens))
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One grant in the 60-second log."""
+
+    grant_id: int
+    expires_at: float
+    requests: int
+    tokens: int
+
+
+class _Pacer:
+    """GCRA: ``limit`` units per 60 s, at most ``burst_s`` seconds' worth at once."""
+
+    __slots__ = ("burst_s", "interval", "tat", "tolerance")
+
+    def __init__(self, limit: int, burst_s: float, now: float) -> None:
+        self.burst_s = burst_s
+        self.interval = WINDOW_S / limit
+        self.tolerance = max(burst_s, self.interval)
+        self.tat = now
+        """Theoretical arrival time: when the bucket would be full again."""
+
+    def ready_at(self, units: int) -> float:
+        return self.tat - self.tolerance + min(units * self.interval, self.tolerance)
+
+    def take(self, now: float, units: int) -> None:
+        """Charge ``units`` (negative: give them back)."""
+        self.tat = max(now, max(self.tat, now) + units * self.interval)
+
+    def resize(self, limit: int, now: float) -> None:
+        backlog = max(0.0, self.tat - now) / self.interval
+        self.interval = WINDOW_S / limit
+        self.tolerance = max(self.burst_s, self.interval)
+        self.tat = now + backlog * self.interval
+
+
+def _lower(configured: int | None, server: int | None) -> int | None:
+    if configured is None:
+        return server
+    return configured if server is None else min(configured, server)
+
+
+class RateWindow:
+    """The requests/min and tokens/min budgets: the grants of the last 60 s, a pacer per
+    budget, and the limits and holds the server's headers set."""
+
+    def __init__(
+        self,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        *,
+        burst_s: float,
+        default_hold_s: float,
+    ) -> None:
+        self._configured_rpm = requests_per_minute
+        self._configured_tpm = tokens_per_minute
+        self._burst_s = burst_s
+        self._default_hold_s = default_hold_s
+        """How long an empty budget holds grants when the headers give no reset time."""
+        self._server_rpm: int | None = None
+        self._server_tpm: int | None = None
+        self._log: deque[_Entry] = deque()
+        self._entries: dict[int, _Entry] = {}
+        self.requests_in_window = 0
+        self.tokens_in_window = 0
+        self._request_pacer: _Pacer | None = None
+        self._token_pacer: _Pacer | None = None
+        self._hold_requests_until = -math.inf
+        self._hold_tokens_until = -math.inf
+
+    @property
+    def requests_per_minute(self) -> int | None:
+        """The budget in force: configured, or lower when the server said so."""
+        return _lower(self._configured_rpm, self._server_rpm)
+
+    @property
+    def tokens_per_minute(self) -> int | None:
+        return _lower(self._configured_tpm, self._server_tpm)
+
+    def advance(self, now: float) -> None:
+        """Drop log entries older than the window; start the pacers of budgets now known."""
+        while self._log and now >= self._log[0].expires_at:
+            entry = self._log.popleft()
+            del self._entries[entry.grant_id]
+            self.requests_in_window -= entry.requests
+            self.tokens_in_window -= entry.tokens
+        if self._request_pacer is None and self.requests_per_minute is not None:
+            self._request_pacer = _Pacer(self.requests_per_minute, self._burst_s, now)
+        if self._token_pacer is None and self.tokens_per_minute is not None:
+            self._token_pacer = _Pacer(self.tokens_per_minute, self._burst_s, now)
+
+    def blocks(self, tokens: int) -> list[tuple[float, str]]:
+        """Until when each rule of the window holds back a request of ``tokens``, and why."""
+        blocks = [
+            (self._hold_requests_until, "the server's request budget is used up until reset"),
+            (self._hold_tokens_until, "the server's token budget is used up until reset"),
+        ]
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        if rpm is not None and self._request_pacer is not None:
+            excess = self.requests_in_window + 1 - rpm
+            if excess > 0:
+                frees = self._window_frees_at(excess, tokens=False)
+                blocks.append((frees, f"{rpm} requests in the last minute"))
+            blocks.append((self._request_pacer.ready_at(1), "pacing requests per minute"))
+        if tpm is not None and self._token_pacer is not None:
+            excess = self.tokens_in_window + tokens - tpm
+            if excess > 0:
+                frees = self._window_frees_at(excess, tokens=True)
+                blocks.append((frees, f"{tpm} tokens in the last minute"))
+            blocks.append((self._token_pacer.ready_at(tokens), "pacing tokens per minute"))
+        return blocks
+
+    def record(self, now: float, grant_id: int, tokens: int) -> None:
+        """Charge a grant made now that reserves ``tokens``."""
+        entry = _Entry(grant_id=grant_id, expires_at=now + WINDOW_S, requests=1, tokens=tokens)
+        self._log.append(entry)
+        self._entries[grant_id] = entry
+        self.requests_in_window += 1
+        self.tokens_in_window += tokens
+        if self._request_pacer is not None:
+            self._request_pacer.take(now, 1)
+        if self._token_pacer is not None:
+            self._token_pacer.take(now, tokens)
+
+    def settle(self, now: float, grant_id: int, actual_tokens: int) -> None:
+        """Charge ``actual_tokens`` instead of what the grant reserved (or last settled);
+        nothing changes for a grant that has left the window."""
+        entry = self._entries.get(grant_id)
+        if entry is None or entry.requests == 0:
+            return
+        delta = actual_tokens - entry.tokens
+        entry.tokens = actual_tokens
+        self.tokens_in_window += delta
+        if self._token_pacer is not None:
+            self._token_pacer.take(now, delta)
+
+    def cancel(self, now: float, grant_id: int) -> None:
+        """Give back a grant whose request was never sent, as if it had not been made."""
+        entry = self._entries.get(grant_id)
+        if entry is not None and entry.requests:
+            self.requests_in_window -= entry.requests
+            self.tokens_in_window -= entry.tokens
+            if self._request_pacer is not None:
+                self._request_pacer.take(now, -1)
+            if self._token_pacer is not None:
+                self._token_pacer.take(now, -entry.tokens)
+            entry.requests = entry.tokens = 0
+
+    def learn(self, now: float, headers: RateLimitHeaders, tokens: int) -> None:
+        """Adopt the limits ``headers`` advertise, and hold grants while they show a budget
+        used up by a request of ``tokens`` that just came back."""
+        if headers.limit_requests:
+            self._server_rpm = headers.limit_requests
+            if self._request_pacer is not None and self.requests_per_minute is not None:
+                self._request_pacer.resize(self.requests_per_minute, now)
+        if headers.limit_tokens:
+            self._server_tpm = headers.limit_tokens
+            if self._token_pacer is not None and self.tokens_per_minute is not None:
+                self._token_pacer.resize(self.tokens_per_minute, now)
+        self.advance(now)  # creates pacers for budgets learned just now
+        default = self._default_hold_s
+        if headers.remaining_requests == 0:
+            reset = headers.reset_requests_s
+            until = now + (default if reset is None else reset)
+            self._hold_requests_until = max(self._hold_requests_until, until)
+        left = headers.remaining_tokens
+        if left is not None and left < max(1, tokens):
+            reset = headers.reset_tokens_s
+            until = now + (default if reset is None else reset)
+            self._hold_tokens_until = max(self._hold_tokens_until, until)
+
+    def _window_frees_at(self, excess: int, *, tokens: bool) -> float:
+        """When the oldest entries that together free ``excess`` units leave the window."""
+        freed = 0
+        for entry in self._log:
+            freed += entry.tokens if tokens else entry.requests
+            if freed >= excess:
+                return entry.expires_at
+        return math.inf  # unreachable while the request itself fits the budget
