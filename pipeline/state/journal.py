@@ -22,10 +22,11 @@ import os
 import re
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Generic, Literal, TypeVar, overload
 
 from pipeline.errors import StateError
 from pipeline.money.pricing import Usage
@@ -107,6 +108,30 @@ def append_lines(path: Path, lines: Sequence[str]) -> None:
         ) from None
 
 
+V = TypeVar("V")
+
+
+class Lookup(Generic[V]):
+    """What the journal holds for rows, by row number and request key, read one bucket at a
+    time: the bucket last read is kept, so rows looked up in input order read each bucket
+    once. Made by :meth:`Journal.results_for`."""
+
+    __slots__ = ("_bucket", "_found", "_read")
+
+    def __init__(self, read: Callable[[int], dict[str, V]]) -> None:
+        self._read = read
+        self._bucket = -1
+        self._found: dict[str, V] = {}
+
+    def get(self, row: int, key: str) -> V | None:
+        """What the journal holds for ``key`` (the request key of input row ``row``)."""
+        bucket = bucket_of(row)
+        if bucket != self._bucket:
+            self._found = self._read(bucket)
+            self._bucket = bucket
+        return self._found.get(key)
+
+
 class Journal:
     """The sent and results logs of one job."""
 
@@ -134,6 +159,25 @@ class Journal:
 
     def intents_path(self, bucket: int) -> Path:
         return self.sent_dir / self._name(bucket)
+
+    @overload
+    def results_for(self, what: Literal["result"]) -> Lookup[RowResult]: ...
+    @overload
+    def results_for(self, what: Literal["status"]) -> Lookup[str]: ...
+    @overload
+    def results_for(self, what: Literal["run"]) -> Lookup[int]: ...
+
+    def results_for(
+        self, what: Literal["result", "status", "run"]
+    ) -> Lookup[RowResult] | Lookup[str] | Lookup[int]:
+        """Look up each row's last recorded result: the whole ``result``
+        (:meth:`read_bucket`), only its ``status`` (:meth:`bucket_status`, fast: resume needs
+        no more), or the ``run`` that recorded it (:meth:`bucket_runs`)."""
+        if what == "result":
+            return Lookup(self.read_bucket)
+        if what == "status":
+            return Lookup(self.bucket_status)
+        return Lookup(self.bucket_runs)
 
     def read_bucket(self, bucket: int) -> dict[str, RowResult]:
         """Results of one bucket by request key; the last record of a key wins."""

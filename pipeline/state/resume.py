@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.results import RowResult
 from pipeline.rows.plan import PlannedRow, RowPlanner, with_prompt_tokens
-from pipeline.state.journal import Journal, bucket_of
+from pipeline.state.journal import Journal
 from pipeline.state.seals import Seal, SealBook, batch_digest
 
 
@@ -74,8 +74,7 @@ class ResumeCursor:
         self._select = select_rows
         self._by_prefix = by_prefix
         self._start = 0
-        self._bucket = -1
-        self._earlier: dict[str, str] = {}
+        self._earlier = journal.results_for("status")
         self._seals: dict[int, Seal] | None = None
         self._fingerprint = planner.fingerprint
 
@@ -158,10 +157,7 @@ class ResumeCursor:
         pending: list[PlannedRow] = []
         resumed_ok = resumed_failed = 0
         for row in planned:
-            if bucket_of(row.row) != self._bucket:
-                self._bucket = bucket_of(row.row)
-                self._earlier = self._journal.bucket_status(self._bucket)
-            status = self._earlier.get(row.key)
+            status = self._earlier.get(row.row, row.key)
             if status == "ok":
                 resumed_ok += 1
             elif status is not None and not self._retry_failed:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.errors import StateError
-from pipeline.state.journal import Journal, append_lines, bucket_of
+from pipeline.state.journal import Journal, append_lines
 
 # How a run ended (the "how" of its end line).
 COMPLETED = "completed"
@@ -219,14 +219,10 @@ class JobState:
             )
         count = 0
         worst: Decimal | None = Decimal(0)
-        bucket = -1
-        results: dict[str, int] = {}
+        runs = self.journal.results_for("run")
         since = last.started_at - MTIME_SLACK_S
         for intent in self.journal.intents_since(last.run, since):
-            if bucket_of(intent.row) != bucket:
-                bucket = bucket_of(intent.row)
-                results = self.journal.bucket_runs(bucket)
-            if results.get(intent.key) == last.run:
+            if runs.get(intent.row, intent.key) == last.run:
                 continue
             count += 1
             if worst is not None and intent.worst_cost_usd is not None:
