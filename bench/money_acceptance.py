@@ -51,7 +51,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.engine.runner import Runner  # noqa: E402
+from pipeline.engine.context import JobContext  # noqa: E402
 from pipeline.io.sources import iter_batches  # noqa: E402
 from pipeline.job.spec import Overrides, apply_overrides, load_job  # noqa: E402
 from pipeline.server.options import ServerOptions  # noqa: E402
@@ -158,12 +158,12 @@ def status(job: str, url: str, out: Path) -> dict[str, Any]:
 def body_counts(job: str, url: str, out: Path) -> Counter[bytes]:
     """How many rows of the input render to each distinct request body (planned, not sent)."""
     spec = apply_overrides(load_job(ROOT / job), Overrides(base_url=url, output=str(out)))
-    runner = Runner(spec, api_key=None)
-    scan = runner.prepare()
+    context = JobContext(spec)
+    scan = context.scan()
     counts: Counter[bytes] = Counter()
     start = 0
-    for batch in iter_batches(scan.files, runner.planner.columns, limit=spec.input.limit):
-        for planned in runner.planner.plan(batch, start):
+    for batch in iter_batches(scan.files, context.planner.columns, limit=spec.input.limit):
+        for planned in context.planner.plan(batch, start):
             if planned.body is not None:
                 counts[planned.body] += 1
         start += batch.num_rows

@@ -12,7 +12,7 @@ How:
    built-in server, different output and state folder) are written to a temporary folder.
 2. The state of each scenario (``--done`` rows done, plus each of ``--compare-done``) is made
    with the project's own code, without sending anything: the rows are planned exactly as a run
-   plans them (:class:`pipeline.engine.runner.Runner`: ``planner.plan(batch, start)`` over
+   plans them (:class:`pipeline.engine.context.JobContext`: ``planner.plan(batch, start)`` over
    :func:`pipeline.io.sources.iter_batches`, prompts counted with
    :func:`pipeline.rows.plan.with_prompt_tokens`), and for each done row the journal gets what a
    real run writes: its intent (``sent/``, with the worst-case cost) and an ``ok``
@@ -75,7 +75,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.engine.runner import Runner
+from pipeline.engine.context import JobContext
 from pipeline.io.sources import iter_batches
 from pipeline.job.spec import load_job
 from pipeline.money.pricing import Usage, cost
@@ -217,7 +217,7 @@ class Target:
     """One job whose state gets the first ``done`` rows."""
 
     done: int
-    runner: Runner
+    context: JobContext
     run: int = 0
     results: list[RowResult] = field(default_factory=list)
     intents: list[Intent] = field(default_factory=list)
@@ -230,11 +230,11 @@ class Target:
 
     def flush(self) -> None:
         if self.intents:
-            self.runner.journal.append_intents(self.intents)
+            self.context.journal.append_intents(self.intents)
         if self.results:
-            self.runner.journal.append_results(self.results)
+            self.context.journal.append_results(self.results)
         # As a real run does: a batch is sealed only once all its results are durable.
-        self.runner.seals.append(self.seals)
+        self.context.seals.append(self.seals)
         self.intents.clear()
         self.results.clear()
         self.seals.clear()
@@ -243,16 +243,16 @@ class Target:
 def build_states(jobs: dict[int, Path]) -> float:
     """Write the state of every job with done > 0 in one planning pass; returns seconds."""
     began = time.monotonic()
-    targets = [Target(done=d, runner=Runner(load_job(p), api_key=None)) for d, p in jobs.items()]
+    targets = [Target(done=d, context=JobContext(load_job(p))) for d, p in jobs.items()]
     targets = [t for t in targets if t.done > 0]
     if not targets:
         return 0.0
-    lead = targets[0].runner
-    scan = lead.prepare()
+    lead = targets[0].context
+    scan = lead.scan()
     for target in targets:
-        target.runner.state.acquire()
-        target.runner.journal.open()
-        target.run = target.runner.state.begin_run(None)
+        target.context.state.acquire()
+        target.context.journal.open()
+        target.run = target.context.state.begin_run(None)
     if len({t.run for t in targets}) != 1:
         raise RuntimeError("the state folders were not empty")
     run = targets[0].run
@@ -309,8 +309,8 @@ def build_states(jobs: dict[int, Path]) -> float:
             "unanswered": 0,
             "unanswered_worst_usd": "0",
         }
-        target.runner.state.end_run(target.run, INTERRUPTED, summary)
-        target.runner.state.release()
+        target.context.state.end_run(target.run, INTERRUPTED, summary)
+        target.context.state.release()
     return time.monotonic() - began
 
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
+from pipeline.engine.context import JobContext
 from pipeline.engine.runner import Runner, RunOptions
 from pipeline.io.ordered import OrderedOutput, Waiting
 from pipeline.job.spec import JobSpec, parse_job
@@ -270,7 +271,7 @@ def test_a_stop_writes_the_finished_rows_in_order_and_no_partial_file(tmp_path: 
     assert 3 in ids
     assert out["response"].to_list() == [f"re t{i}" for i in ids]
     assert not stale.exists()
-    done = {r.row for r in runner.journal.iter_results() if r.status == "ok"}
+    done = {r.row for r in runner.context.journal.iter_results() if r.status == "ok"}
     assert set(ids) == done
 
 
@@ -297,7 +298,7 @@ def test_a_full_disk_while_writing_the_output_is_a_clear_error_and_loses_nothing
         _run(job, provider, waiting_rows=10**6)
     assert not Path(job.output.path).exists()
     monkeypatch.setattr(pyarrow.parquet, "ParquetWriter", real_writer)
-    done = {r.row for r in Runner(job, api_key=None).journal.iter_results()}
+    done = {r.row for r in JobContext(job).journal.iter_results()}
     sent_again = Provider(rows, slow=set())
     calls = 0
 

@@ -449,7 +449,7 @@ def test_export_errors(tmp_path: Path) -> None:
 def test_a_batch_file_is_read_once_to_make_its_job_and_prepare_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.engine.runner import Runner
+    from pipeline.engine.context import JobContext
     from pipeline.io import openai_batch as batchfile
     from pipeline.io.openai_batch import batch_file_job
 
@@ -464,7 +464,7 @@ def test_a_batch_file_is_read_once_to_make_its_job_and_prepare_the_run(
     monkeypatch.setattr(batchfile, "_scan_batch_file", counting)
     job = batch_file_job(path, model=None, max_in_flight=None, api_key_env=None, limit=3)
     job = replace(job, input=replace(job.input, limit=3))
-    assert Runner(job, api_key=None).prepare().rows == 3
+    assert JobContext(job).scan().rows == 3
     assert passes == [3]
     # A changed file is read again.
     write_lines(path, [request(f"r{i}") for i in range(7)])

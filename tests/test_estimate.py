@@ -15,15 +15,14 @@ from click.testing import CliRunner
 
 from pipeline.cli.commands import cli
 from pipeline.cli.estimate import estimate
-from pipeline.engine.runner import Runner
-from pipeline.estimate.scan import (
+from pipeline.engine.context import JobContext
+from pipeline.estimate.figures import (
     Observation,
     estimate_duration,
     output_interval,
-    plan_with_bodies,
     summarize,
-    tokenize_bodies,
 )
+from pipeline.estimate.scan import plan_with_bodies, tokenize_bodies
 from pipeline.io.sources import iter_batches
 from pipeline.job.spec import Overrides, apply_overrides, load_job
 from pipeline.money.pricing import Usage
@@ -153,9 +152,9 @@ def test_tokenize_bodies_in_several_tokenizer_chunks(monkeypatch: pytest.MonkeyP
 )
 def test_plan_with_bodies_plans_as_the_planner(job: str, data: Path) -> None:
     spec = apply_overrides(load_job(ROOT / job), Overrides(input=str(data)))
-    runner = Runner(spec, api_key=None)
-    scan = runner.prepare()
-    planner = runner.planner
+    context = JobContext(spec)
+    scan = context.scan()
+    planner = context.planner
     start = 0
     for batch in iter_batches(scan.files, planner.columns, limit=None, batch_rows=7):
         planned, bodies = plan_with_bodies(planner, batch, start)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.engine.context import JobContext
 from pipeline.engine.runner import Runner, RunOptions
 from pipeline.errors import AuthError, JobFileError, ProviderError
 from pipeline.job.spec import JobSpec, parse_job
@@ -345,8 +346,8 @@ def test_status_counts_sealed_batches_from_their_seals(
     table["text"][9] = "t9 edited"
     pq.write_table(pa.table(table), tmp_path / "in.parquet")
     planned = count_planned_rows(monkeypatch)
-    runner = Runner(job, api_key=None, options=RunOptions(batch_rows=7))
-    status = job_status(runner, runner.prepare())
+    context = JobContext(job, batch_rows=7)
+    status = job_status(context, context.scan())
     assert planned() == 7  # only the edited batch
     failed = {i for i in range(30) if i % 4 == 0}  # row 9 was ok, and is now pending
     assert (status.ok, status.failed, status.pending) == (30 - len(failed) - 1, len(failed), 1)

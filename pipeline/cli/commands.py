@@ -192,7 +192,7 @@ def status(
     import json
 
     from pipeline.cli.display import print_status
-    from pipeline.engine.runner import Runner
+    from pipeline.engine.context import JobContext
     from pipeline.engine.status import job_status
 
     overrides = Overrides(
@@ -203,8 +203,8 @@ def status(
         identity=LOCAL_IDENTITY if local else None,
     )
     job = load_to_read(job_file, limit=limit)
-    runner = Runner(apply_overrides(job, overrides), api_key=None)
-    report = job_status(runner, runner.prepare())
+    context = JobContext(apply_overrides(job, overrides))
+    report = job_status(context, context.scan())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -3,7 +3,8 @@
 Nothing is sent, except with ``--sample N``: then N random rows of the job (chosen with
 ``--seed``) are really sent, their results recorded in the job's own state folder, so the run
 that follows does not send (or pay for) them again, and the estimate learns the output length
-from them. The logic lives in :mod:`pipeline.estimate.scan`; this module is the command and the
+from them. The logic lives in :mod:`pipeline.estimate.scan` (the tokenizing scan) and
+:mod:`pipeline.estimate.figures` (the figures); this module is the command and the
 printing. Register it with ``cli.add_command(estimate)``; ``python -m pipeline.cli.estimate``
 runs it alone.
 """
@@ -31,7 +32,8 @@ from pipeline.cli.common import (
 from pipeline.cli.display import duration as clock
 from pipeline.cli.display import money
 from pipeline.errors import UsageError
-from pipeline.estimate.scan import CostFigures, Estimate, estimate_job
+from pipeline.estimate.figures import CostFigures, Estimate
+from pipeline.estimate.scan import estimate_job
 from pipeline.job.spec import JobSpec, Overrides, apply_overrides
 
 LOCAL_PRICE_URL = "http://127.0.0.1/v1"
@@ -76,12 +78,13 @@ def _sample(
     Returns the job as the estimate should see it (pointed where the sample went) and the
     number of rows sampled.
     """
+    from pipeline.engine.context import JobContext
     from pipeline.engine.report import Reporter
     from pipeline.engine.runner import Runner, RunOptions
 
     api_key = api_key_for(job, local=local)
     with endpoint(job, local=local) as target:
-        scan = Runner(target, api_key=None).prepare()
+        scan = JobContext(target).scan()
         count = sample_rows(scan.rows, *size)
         rows = random.Random(seed).sample(range(scan.rows), count)
         options = RunOptions(select_rows=frozenset(rows), write_output=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.engine.runner import Runner
+from pipeline.engine.context import JobContext
 from pipeline.io.sources import InputScan
 from pipeline.money.pricing import CostParts, Usage, cost_parts
 from pipeline.state.runs import RunRecord, Suspects
@@ -74,33 +74,35 @@ class JobStatus:
         }
 
 
-def job_status(runner: Runner, scan: InputScan) -> JobStatus:
+def job_status(context: JobContext, scan: InputScan) -> JobStatus:
     """Count rows by their current result and sum what the journal says was spent.
 
     A batch sealed by a run, and unchanged since, is counted from its seal without planning
     its rows (as a resume skips it); the others are planned and matched by request key.
     """
     ok = failed = pending = 0
-    cursor = runner.resume_cursor()
-    for batch in runner.input_batches(scan):
+    cursor = context.resume_cursor()
+    for batch in context.input_batches(scan):
         batch_ok, batch_failed, batch_pending = cursor.tally(batch)
         ok += batch_ok
         failed += batch_failed
         pending += batch_pending
-    spent, spent_usd = runner.journal.spent()
-    history = runner.state.history()
-    running = runner.state.locked_by_other()
+    spent, spent_usd = context.journal.spent()
+    state = context.state
+    history = state.history()
+    running = state.locked_by_other()
+    price = context.price
     return JobStatus(
-        job=runner.job.name,
-        state_dir=str(runner.state.folder),
+        job=context.job.name,
+        state_dir=str(state.folder),
         rows=scan.rows,
         ok=ok,
         failed=failed,
         pending=pending,
         spent=spent,
         spent_usd=spent_usd,
-        spent_parts=None if runner.price is None else cost_parts(spent, runner.price),
+        spent_parts=None if price is None else cost_parts(spent, price),
         last_run=history[-1] if history else None,
         running=running,
-        suspects=None if running else runner.state.suspects(),
+        suspects=None if running else state.suspects(),
     )

@@ -1,0 +1,249 @@
+"""The books of a run's attempts: one object that every attempt opens and settles.
+
+An attempt goes through the books twice. :meth:`Accounts.open` reserves the attempt's worst
+case from the budget (waiting while requests in flight hold the room it needs) and then a
+grant from the limiter (an in-flight slot, and its tokens from a tokens/min budget).
+:meth:`Accounts.settle` closes it: the row is billed what the provider reported, at the price
+in effect when it was sent; the run's figures count it; the budget's reservation is replaced by
+what was spent; and the limiter learns how it went (429, headers, tokens used). Between the
+two, :meth:`Accounts.sent` records the row's intent before its first request goes out, so a
+crash can never lose a request that may be billed, and counts it as unanswered until its
+result is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import anyio
+
+from pipeline.engine.control import RunControl
+from pipeline.engine.stats import RunStats
+from pipeline.money.budget import Budget
+from pipeline.money.pricing import ZERO_USAGE, CostParts, Price, Usage, cost, cost_parts, price_at
+from pipeline.provider.client import Attempt
+from pipeline.provider.limiter import Limiter
+from pipeline.provider.limits import Grant, Outcome, parse_rate_limit_headers
+from pipeline.provider.retry import Failure
+from pipeline.rows.plan import PlannedRow
+from pipeline.state.intents import IntentLog
+from pipeline.state.journal import Intent
+
+
+class OverBudget(Exception):
+    """The budget cannot cover the next request: the run stops sending."""
+
+
+@dataclass(slots=True)
+class RowProgress:
+    """One row on its way: what it sends now, and what its attempts have cost so far."""
+
+    body: bytes
+    prompt_tokens: int
+    attempts: int = 0
+    reasks: int = 0
+    usage: Usage = ZERO_USAGE
+    cost: Decimal = Decimal(0)
+
+    def bill(self, usage: Usage, parts: CostParts | None) -> Decimal | None:
+        """Count one billed answer costing ``parts``; returns its cost (None when the price
+        is unknown)."""
+        self.usage = self.usage + usage
+        if parts is None:
+            return None
+        self.cost += parts.total
+        return parts.total
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An open attempt: what it reserved from the budget and the limiter, and its price."""
+
+    worst: Decimal
+    tokens: int
+    grant: Grant
+    price: Price | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pricing:
+    """What a row can cost: the job's price and the longest answer it allows."""
+
+    price: Price | None
+    max_output: int | None
+    """The most output tokens an answer can have (``max_tokens``, else the model's)."""
+    max_tokens: int | None
+    """The job's ``max_tokens``: what a tokens/min budget reserves for each answer."""
+    attempts_per_row: int = 1
+    """How many answers one row may be billed for (1 + the re-asks of a structured job)."""
+
+    def now(self) -> Price | None:
+        """The price in effect for a request sent now (prices may have time windows)."""
+        if self.price is None or self.price.off_peak is None:
+            return self.price
+        return price_at(self.price, datetime.now(UTC))
+
+    def worst_cost(self, prompt_tokens: int | None) -> Decimal | None:
+        """What one request can cost at most: its prompt and the longest answer."""
+        if prompt_tokens is None or self.max_output is None:
+            return None
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.max_output)
+        return cost(usage, self.now())
+
+    def tokens(self, row: RowProgress) -> int:
+        """Tokens a request reserves from a tokens/min budget: its prompt and ``max_tokens``."""
+        return row.prompt_tokens + (self.max_tokens or 0)
+
+    def metered(self, reserved: int, attempt: Attempt) -> int | None:
+        """What an answered attempt counts against a tokens/min budget.
+
+        Providers meter ``prompt + max_tokens`` when a request arrives, so with ``max_tokens``
+        set the reservation stands unless the real usage is larger; without it, the real usage
+        replaces the estimate. A 429 was not served and counts nothing; an error without usage
+        keeps its reservation (the provider may have counted it).
+        """
+        if attempt.failure is Failure.RATE_LIMITED:
+            return 0
+        if attempt.usage is None:
+            return None
+        used = attempt.usage.prompt_tokens + attempt.usage.completion_tokens
+        if self.max_tokens is None:
+            return used
+        return max(used, reserved)
+
+
+class Accounts:
+    """Budget, limiter, billing, figures and unanswered requests, kept for every attempt."""
+
+    def __init__(
+        self,
+        *,
+        pricing: Pricing,
+        budget: Budget | None,
+        limiter: Limiter,
+        stats: RunStats,
+        intents: IntentLog,
+        control: RunControl,
+        run: int,
+    ) -> None:
+        self.pricing = pricing
+        self.budget = budget
+        self._limiter = limiter
+        self._stats = stats
+        self._intents = intents
+        self._control = control
+        self._run = run
+        self._settled: anyio.Event | None = None
+        """Set (and replaced) whenever a reservation settles: budget waiters look again."""
+        self.unanswered = 0
+        """Requests recorded as sent whose result is not recorded (yet)."""
+        self.unanswered_worst: Decimal | None = Decimal(0)
+        """What they can cost at most (None: unknown)."""
+
+    def intent(self, planned: PlannedRow) -> Intent:
+        """What is recorded before a row's first request goes out."""
+        worst = self.pricing.worst_cost(planned.prompt_tokens)
+        if worst is not None:
+            worst *= self.pricing.attempts_per_row
+        return Intent(key=planned.key, row=planned.row, run=self._run, worst_cost_usd=worst)
+
+    async def open(self, row: RowProgress) -> Ticket:
+        """Reserve an attempt's worst case from the budget, then a grant from the limiter.
+        Raises :class:`OverBudget` when the run stops at the budget, and
+        :class:`~pipeline.provider.limits.NeverFitsError` when the request can never fit."""
+        tokens = self.pricing.tokens(row)
+        worst = await self._reserve(row)
+        price = self.pricing.now()
+        try:
+            grant = await self._limiter.acquire(tokens)
+        except BaseException:
+            self._settle_budget(worst, Decimal(0))
+            raise
+        return Ticket(worst=worst, tokens=tokens, grant=grant, price=price)
+
+    def sent(self, intent: Intent | None) -> None:
+        """A request goes out now; ``intent`` is given for a row's first request only, and
+        is recorded before it goes. Call :meth:`returned` when the request is back."""
+        if intent is not None:
+            self._intents.record(intent)
+            self._count_unanswered(intent, +1)
+        self._stats.requests += 1
+        self._stats.in_flight += 1
+
+    def returned(self) -> None:
+        """The request of :meth:`sent` is back (answered, failed or cut off)."""
+        self._stats.in_flight -= 1
+
+    def answered(self, intent: Intent) -> None:
+        """The row of ``intent`` has its result, to be recorded: it is no longer unanswered."""
+        self._count_unanswered(intent, -1)
+
+    def _count_unanswered(self, intent: Intent, sign: int) -> None:
+        self.unanswered += sign
+        worst = intent.worst_cost_usd
+        if worst is None or self.unanswered_worst is None:
+            self.unanswered_worst = None
+        else:
+            self.unanswered_worst += sign * worst
+
+    def settle(self, ticket: Ticket, row: RowProgress, attempt: Attempt | None) -> None:
+        """Close an attempt: bill the row, count the figures, settle the budget and release
+        the limiter's grant. ``attempt`` is None when the request was cut off (a hard stop)."""
+        spent: Decimal | None = None
+        outcome: Outcome = "error"
+        metered: int | None = None
+        try:
+            if attempt is None:
+                return
+            if attempt.status is not None:
+                spent = Decimal(0)
+            if attempt.usage is not None:
+                price = ticket.price
+                parts = None if price is None else cost_parts(attempt.usage, price)
+                spent = row.bill(attempt.usage, parts)
+                self._stats.add_billed(parts)
+            if attempt.ok:
+                outcome = "ok"
+            elif attempt.failure is Failure.RATE_LIMITED:
+                outcome = "rate_limited"
+            metered = self.pricing.metered(ticket.tokens, attempt)
+        finally:
+            self._settle_budget(ticket.worst, spent)
+            self._limiter.release(
+                ticket.grant,
+                outcome=outcome,
+                actual_tokens=metered,
+                headers=(
+                    parse_rate_limit_headers(attempt.rate_headers)
+                    if attempt is not None and attempt.rate_headers
+                    else None
+                ),
+                retry_after_s=None if attempt is None else attempt.retry_after_s,
+            )
+
+    async def _reserve(self, row: RowProgress) -> Decimal:
+        """Reserve an attempt's worst-case cost from the budget, waiting while requests in
+        flight hold the room it needs; raise if it cannot fit at all."""
+        if self.budget is None:
+            return Decimal(0)
+        worst = self.pricing.worst_cost(row.prompt_tokens) or Decimal(0)
+        while True:
+            decision = self.budget.reserve(worst)
+            if decision == "reserved":
+                return worst
+            if decision == "exhausted":
+                self._control.stop_for_budget()
+            if self._control.stopping:
+                raise OverBudget
+            if self._settled is None:
+                self._settled = anyio.Event()
+            await self._settled.wait()
+
+    def _settle_budget(self, worst: Decimal, spent: Decimal | None) -> None:
+        if self.budget is not None:
+            self.budget.settle(worst, spent)
+            if self._settled is not None:
+                self._settled.set()
+                self._settled = None
