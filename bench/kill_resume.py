@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 
 from pipeline.server.options import ServerOptions
 from pipeline.server.process import LocalServer, StatsClient
-from pipeline.state.runs import JobState, RunRecord
+from pipeline.state.runs import RunRecord, StateFolder
 
 SUSPECTS_LINE = re.compile(r"run (\d+) stopped with ([\d,]+) request\(s\) in flight")
 POLL_S = 0.02
@@ -173,7 +173,7 @@ def start_run(job: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def reported_suspects(log: Path) -> tuple[int, int] | None:
+def reported_unanswered(log: Path) -> tuple[int, int] | None:
     """(run, K) from the ``run N stopped with K request(s) in flight`` line, if printed."""
     text = " ".join(log.read_text(encoding="utf-8", errors="replace").split())
     found = SUSPECTS_LINE.search(text)
@@ -184,7 +184,7 @@ def reported_suspects(log: Path) -> tuple[int, int] | None:
 
 def last_run(state_dir: Path) -> tuple[int, bool]:
     """The last run's number and whether it recorded an end."""
-    history = JobState(state_dir).history()
+    history = StateFolder(state_dir).history()
     if not history:
         return 0, False
     return history[-1].run, history[-1].ended
@@ -303,7 +303,7 @@ def run_bench(args: argparse.Namespace, folder: Path) -> Outcome:
                 args=args,
             )
             if kills:  # this run resumed the previous kill: read its suspects line
-                note_suspects(kills[-1], logs / f"run{index:02d}.log")
+                note_unanswered(kills[-1], logs / f"run{index:02d}.log")
             kills.append(kill)
         final_log = logs / f"run{args.kills + 1:02d}.log"
         requests_before = int(counters()["requests_total"])
@@ -318,7 +318,7 @@ def run_bench(args: argparse.Namespace, folder: Path) -> Outcome:
         final_s = time.monotonic() - final_began
         runs_s = time.monotonic() - runs_began
         if kills:
-            note_suspects(kills[-1], final_log)
+            note_unanswered(kills[-1], final_log)
         if final_rc != 0:
             tail = final_log.read_text(encoding="utf-8", errors="replace")[-3000:]
             print(f"the final run exited {final_rc}:\n{tail}", file=sys.stderr)
@@ -327,7 +327,7 @@ def run_bench(args: argparse.Namespace, folder: Path) -> Outcome:
     return Outcome(
         kills=kills,
         stats=stats,
-        history=JobState(state_dir).history(),
+        history=StateFolder(state_dir).history(),
         final_rc=final_rc,
         final_s=final_s,
         final_requests=int(stats["requests_total"]) - requests_before,
@@ -335,9 +335,9 @@ def run_bench(args: argparse.Namespace, folder: Path) -> Outcome:
     )
 
 
-def note_suspects(kill: Kill, log: Path) -> None:
+def note_unanswered(kill: Kill, log: Path) -> None:
     """Record and print what the run after ``kill`` reported."""
-    found = reported_suspects(log)
+    found = reported_unanswered(log)
     if found is not None:
         kill.reported_run, kill.reported = found
     print_kill(kill)
@@ -395,7 +395,7 @@ def report(
     reported_sum = sum(r for r in reported if r is not None)
     every_reported = all(r is not None and r >= 1 for r in reported)
     runs_match = all(k.reported_run == k.run for k in kills)
-    recorded = {r.run: r.suspects.count for r in history if r.suspects is not None}
+    recorded = {r.run: r.unanswered.count for r in history if r.unanswered is not None}
     recorded_match = all(recorded.get(k.run + 1) == k.reported for k in kills)
     per_kill_bound = args.in_flight + rate
     worst_kill = max((r for r in reported if r is not None), default=0)

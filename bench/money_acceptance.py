@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.engine.context import JobContext  # noqa: E402
 from pipeline.io.sources import iter_batches  # noqa: E402
-from pipeline.job.spec import Overrides, apply_overrides, load_job  # noqa: E402
+from pipeline.job.load import load_job  # noqa: E402
+from pipeline.job.spec import Overrides, apply_overrides  # noqa: E402
 from pipeline.server.options import ServerOptions  # noqa: E402
 from pipeline.server.process import LocalServer, server_stats  # noqa: E402
 

@@ -77,7 +77,7 @@ import pyarrow.parquet as pq
 
 from pipeline.engine.context import JobContext
 from pipeline.io.sources import iter_batches
-from pipeline.job.spec import load_job
+from pipeline.job.load import load_job
 from pipeline.money.pricing import Usage, cost
 from pipeline.results import RowResult
 from pipeline.rows.plan import with_prompt_tokens

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,8 +14,7 @@ try:
 except ModuleNotFoundError:  # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.server.options import ServerOptions
-from pipeline.server.process import LocalServer
+from pipeline import testing
 
 
 @pytest.fixture
@@ -25,13 +24,5 @@ def local_server() -> Iterator[Callable[..., str]]:
     The options are :class:`pipeline.server.options.ServerOptions` fields. Read the counters with
     :func:`pipeline.server.process.server_stats` on the base URL.
     """
-    servers: list[LocalServer] = []
-
-    def start(**options: Any) -> str:
-        server = LocalServer(ServerOptions(**options))
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
+    with contextlib.ExitStack() as servers:
+        yield lambda **options: servers.enter_context(testing.local_server(**options))

@@ -18,7 +18,8 @@ from polars.testing import assert_frame_equal
 from pipeline.engine.context import JobContext
 from pipeline.engine.runner import Runner, RunOptions
 from pipeline.io.ordered import OrderedOutput, Waiting
-from pipeline.job.spec import JobSpec, parse_job
+from pipeline.job.load import parse_job
+from pipeline.job.spec import JobSpec
 from pipeline.results import RowResult
 from pipeline.state.resume import Track
 

@@ -24,13 +24,14 @@ from pipeline.estimate.figures import (
 )
 from pipeline.estimate.scan import plan_with_bodies, tokenize_bodies
 from pipeline.io.sources import iter_batches
-from pipeline.job.spec import Overrides, apply_overrides, load_job
+from pipeline.job.load import load_job
+from pipeline.job.spec import Overrides, apply_overrides
 from pipeline.money.pricing import Usage
 from pipeline.results import RowResult
 from pipeline.rows.prefix import BLOCK_TOKENS
 from pipeline.rows.tokens import count_prompt_tokens
 from pipeline.server.process import StatsClient
-from pipeline.state.runs import JobState
+from pipeline.state.runs import StateFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 REVIEWS = ROOT / "data/sample/reviews.parquet"
@@ -319,7 +320,7 @@ path = "out.parquet"
 """
     )
     # Recorded answers (their keys match no row): 2 of 4 stopped at the limit.
-    state = JobState(tmp_path / "out.parquet.state")
+    state = StateFolder(tmp_path / "out.parquet.state")
     state.journal.open()
     answers = [(1_048_575, "length"), (1_048_575, "length"), (100, "stop"), (300, "stop")]
     state.journal.append_results(
@@ -516,7 +517,7 @@ def test_re_asked_prompts_seen_in_history_count_in_the_expected_input(
     data = estimate_json(job, *reviews, "--base-url", base)
     assert data["rows"]["to_send"] == 260
     tokens = data["input_tokens"]
-    journal = JobState(load_job(job).output.state_path).journal
+    journal = StateFolder(load_job(job).output.state_path).journal
     sampled = list(journal.iter_results())
     reasks = sum(r.reasks for r in sampled)
     assert reasks > 0  # at rate 0.5, some of the 40 were asked again

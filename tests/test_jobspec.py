@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import JobFileError
-from pipeline.job.spec import Overrides, apply_overrides, load_job, parse_job
+from pipeline.job.load import load_job, parse_job
+from pipeline.job.spec import Overrides, apply_overrides
 
 GOOD = """
 name = "label"

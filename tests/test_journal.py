@@ -11,7 +11,7 @@ from pipeline.errors import StateError
 from pipeline.money.pricing import Usage
 from pipeline.results import RowResult
 from pipeline.state.journal import BUCKET_ROWS, Intent, Journal
-from pipeline.state.runs import JobState
+from pipeline.state.runs import StateFolder
 
 
 def result(row: int, key: str | None = None, status: str = "ok") -> RowResult:
@@ -82,13 +82,13 @@ def test_unwritable_state_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="cannot use the state folder"):
         Journal(blocker).open()
     with pytest.raises(StateError, match="cannot use the state folder"):
-        JobState(blocker).acquire()
+        StateFolder(blocker).acquire()
 
 
 def test_lock_refuses_a_second_holder(tmp_path: Path) -> None:
-    first = JobState(tmp_path / "s")
+    first = StateFolder(tmp_path / "s")
     first.acquire()
-    second = JobState(tmp_path / "s")
+    second = StateFolder(tmp_path / "s")
     with pytest.raises(StateError, match=r"another run of this job is in progress \(pid \d+"):
         second.acquire()
     assert second.locked_by_other() is not None
@@ -98,7 +98,7 @@ def test_lock_refuses_a_second_holder(tmp_path: Path) -> None:
 
 
 def test_history_and_suspects(tmp_path: Path) -> None:
-    state = JobState(tmp_path / "s")
+    state = StateFolder(tmp_path / "s")
     state.acquire()
     state.journal.open()
     run = state.begin_run(None)
@@ -112,9 +112,9 @@ def test_history_and_suspects(tmp_path: Path) -> None:
     history = state.history()
     assert [r.run for r in history] == [1]
     assert not history[0].ended
-    suspects = state.suspects()
-    assert suspects is not None
-    assert (suspects.run, suspects.count, suspects.worst_cost_usd) == (1, 3, Decimal("0.75"))
+    unanswered = state.unanswered()
+    assert unanswered is not None
+    assert (unanswered.run, unanswered.count, unanswered.worst_cost_usd) == (1, 3, Decimal("0.75"))
     state.release()
 
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from pipeline.errors import JobFileError
-from pipeline.job.spec import parse_job
+from pipeline.job.load import parse_job
 from pipeline.money.pricing import (
     OffPeak,
     Price,

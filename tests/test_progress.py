@@ -12,7 +12,7 @@ from pipeline.cli import display as progress
 from pipeline.cli.display import LiveReporter
 from pipeline.engine.stats import RunStats
 from pipeline.io.sources import InputFile, InputScan
-from pipeline.job.spec import parse_job
+from pipeline.job.load import parse_job
 
 JOB = """
 name = "brackets[1]"

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.engine.runner import Runner, RunOptions
-from pipeline.job.spec import JobSpec, parse_job
-from pipeline.state.runs import JobState
+from pipeline.job.load import parse_job
+from pipeline.job.spec import JobSpec
+from pipeline.state.runs import StateFolder
 
 OUTCOMES = ("ok", "ok", "ok", "ok", "500", "drop", "billed-malformed", "400")
 
@@ -124,7 +125,7 @@ def test_no_row_lost_or_duplicated_across_crashes(
     provider.crash_at = None
     run_once(job, provider, retry_failed=True)
 
-    history = JobState(job.output.state_path).history()
+    history = StateFolder(job.output.state_path).history()
     assert len(history) == len(crashes) + 1
     assert history[-1].how == "completed"
     if crashes and crashes[0] <= rows:  # the first run sends every row, so this crash hits

@@ -19,27 +19,13 @@ import pytest
 from pipeline.engine.context import JobContext
 from pipeline.engine.runner import Runner, RunOptions
 from pipeline.errors import AuthError, JobFileError, ProviderError
-from pipeline.job.spec import JobSpec, parse_job
+from pipeline.job.load import parse_job
+from pipeline.job.spec import JobSpec
 from pipeline.rows.plan import Planner
 from pipeline.state.seals import SealBook
+from pipeline.testing import echo
 
 Handler = Callable[[httpx.Request], httpx.Response]
-
-
-def reply(content: str, *, prompt: int = 10, completion: int = 3) -> httpx.Response:
-    return httpx.Response(
-        200,
-        json={
-            "model": "deepseek-v4-flash",
-            "choices": [{"message": {"content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
-        },
-    )
-
-
-def echo(request: httpx.Request) -> httpx.Response:
-    body = json.loads(request.content)
-    return reply("re: " + body["messages"][-1]["content"])
 
 
 def make_job(tmp_path: Path, rows: int = 50, **extra: str) -> JobSpec:

@@ -19,7 +19,8 @@ import pytest
 from pipeline.engine.report import RunReport
 from pipeline.engine.runner import Runner, RunOptions
 from pipeline.errors import JobFileError
-from pipeline.job.spec import JobSpec, parse_job
+from pipeline.job.load import parse_job
+from pipeline.job.spec import JobSpec
 
 SCHEMA = """
 [output.schema]

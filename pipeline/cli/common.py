@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import click
 
 from pipeline.errors import JobFileError, PipelineError
-from pipeline.job.spec import JobSpec, Overrides, apply_overrides, load_job
+from pipeline.job.load import load_job
+from pipeline.job.spec import JobSpec, Overrides, apply_overrides
 from pipeline.money.pricing import provider_of
 from pipeline.provider.redact import redact
 

@@ -186,11 +186,11 @@ def print_summary(console: Console, report: RunReport) -> None:
         stopped = " (stopped: the next request could pass it)" if report.over_budget else ""
         table.add_row("budget", f"{money(budget.spent)} spent of {money(budget.cap)}{stopped}")
     table.add_row("wall time", f"{s.elapsed_s:.1f} s ({s.requests_per_s:,.1f} req/s)")
-    if report.suspects is not None:
-        worst = report.suspects.worst_cost_usd
+    if report.unanswered is not None:
+        worst = report.unanswered.worst_cost_usd
         table.add_row(
             "possibly billed twice",
-            f"{report.suspects.count:,} (worst case {money(worst)})",
+            f"{report.unanswered.count:,} (worst case {money(worst)})",
         )
     if report.interrupted or report.over_budget:
         pending = s.total_rows - s.done
@@ -241,13 +241,13 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
         else:
             ended = "did not end: the process was killed or crashed"
         table.add_row("last run", f"#{last.run}, started {_when(last.started_at)}, {ended}")
-    suspects = status.suspects
-    if suspects is None:
+    unanswered = status.unanswered
+    if unanswered is None:
         table.add_row("double-spend suspects", "none")
     else:
         table.add_row(
             "double-spend suspects",
-            f"{suspects.count:,} requests of run {suspects.run} were in flight when it stopped "
-            f"(worst case {money(suspects.worst_cost_usd)}); the next run sends them again",
+            f"{unanswered.count:,} requests of run {unanswered.run} were in flight when it stopped "
+            f"(worst case {money(unanswered.worst_cost_usd)}); the next run sends them again",
         )
     console.print(table)

@@ -34,7 +34,7 @@ from pipeline.rows.plan import Planner
 from pipeline.rows.templating import RequestTemplate
 from pipeline.state.journal import Journal
 from pipeline.state.resume import ResumeCursor
-from pipeline.state.runs import JobState
+from pipeline.state.runs import StateFolder
 from pipeline.state.seals import SealBook
 
 BATCH_ROWS = 2048
@@ -90,7 +90,7 @@ class JobContext:
             attempts_per_row=1 + job.output.max_reasks if job.output.schema else 1,
         )
         """What a row can cost at most, and what it reserves from a tokens/min budget."""
-        self.state = JobState(job.output.state_path)
+        self.state = StateFolder(job.output.state_path)
         self.journal: Journal = self.state.journal
         self.seals = SealBook(self.state.folder)
 

@@ -10,7 +10,7 @@ from pipeline.engine.stats import Snapshot
 from pipeline.io.sources import InputScan
 from pipeline.job.spec import JobSpec
 from pipeline.money.budget import Budget
-from pipeline.state.runs import COMPLETED, INTERRUPTED, OVER_BUDGET, Suspects
+from pipeline.state.runs import COMPLETED, INTERRUPTED, OVER_BUDGET, Unanswered
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,7 +25,7 @@ class RunReport:
     """The run stopped because the next request could have passed the budget's cap."""
     budget: Budget | None = None
     output_rows: int = 0
-    suspects: Suspects | None = None
+    unanswered: Unanswered | None = None
     """Requests the previous run left in flight (possibly billed twice)."""
     state_dir: Path | None = None
 

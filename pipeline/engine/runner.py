@@ -61,7 +61,7 @@ from pipeline.provider.limits import LimiterConfig, start_from
 from pipeline.results import RowResult
 from pipeline.rows.plan import PlannedRow
 from pipeline.state.intents import IntentLog
-from pipeline.state.runs import FAILED, Suspects
+from pipeline.state.runs import FAILED, Unanswered
 
 if TYPE_CHECKING:
     import httpx
@@ -89,12 +89,12 @@ class RunOptions:
     (see :mod:`pipeline.io.ordered`)."""
 
 
-def describe_suspects(suspects: Suspects) -> str:
-    worst = suspects.worst_cost_usd
+def describe_unanswered(unanswered: Unanswered) -> str:
+    worst = unanswered.worst_cost_usd
     money = "unknown" if worst is None else f"${worst:.6f}"
     return (
-        f"run {suspects.run} stopped with {suspects.count:,} request(s) in flight: the provider "
-        f"may have billed them, and they are sent again now (worst case {money})."
+        f"run {unanswered.run} stopped with {unanswered.count:,} request(s) in flight: the "
+        f"provider may have billed them, and they are sent again now (worst case {money})."
     )
 
 
@@ -170,16 +170,16 @@ class Runner:
             self.context.journal.open(fresh=self.options.fresh)
             if self.options.fresh:
                 self.context.seals.clear()
-            suspects = None if self.options.fresh else state.suspects()
-            if suspects is not None:
-                self.reporter.notice(describe_suspects(suspects))
-            self._run_id = state.begin_run(suspects, fresh=self.options.fresh)
+            unanswered = None if self.options.fresh else state.unanswered()
+            if unanswered is not None:
+                self.reporter.notice(describe_unanswered(unanswered))
+            self._run_id = state.begin_run(unanswered, fresh=self.options.fresh)
             self._start_where_the_last_run_left_off()
             self.budget = self._budget()
             how = FAILED
             summary: dict[str, Any] = {}
             try:
-                report = await self._run(scan, suspects)
+                report = await self._run(scan, unanswered)
                 how = report.how
                 summary = run_summary(report)
                 if report.final.limiter is not None:
@@ -234,7 +234,7 @@ class Runner:
             )
         return Budget(cap=cap, spent=spent)
 
-    async def _run(self, scan: InputScan, suspects: Suspects | None) -> RunReport:
+    async def _run(self, scan: InputScan, unanswered: Unanswered | None) -> RunReport:
         total = scan.rows
         if self.options.select_rows is not None:
             total = sum(1 for row in self.options.select_rows if 0 <= row < scan.rows)
@@ -253,7 +253,7 @@ class Runner:
             rows = await writer.write_rest(
                 scan, hard_stop=control.hard_stop, partial=control.stopping
             )
-            return self._report(stats, rows, suspects)
+            return self._report(stats, rows, unanswered)
 
     async def _send_all(self, scan: InputScan, stats: RunStats, writer: ResultWriter) -> None:
         """Send every row to send and make its result durable (and written, with an output)."""
@@ -382,7 +382,9 @@ class Runner:
             self.reporter.update(stats.snapshot())
             await anyio.sleep(self.options.tick_s)
 
-    def _report(self, stats: RunStats, output_rows: int, suspects: Suspects | None) -> RunReport:
+    def _report(
+        self, stats: RunStats, output_rows: int, unanswered: Unanswered | None
+    ) -> RunReport:
         return RunReport(
             job=self.job.name,
             run=self._run_id,
@@ -393,6 +395,37 @@ class Runner:
             over_budget=self.control.over_budget,
             budget=self.budget,
             output_rows=output_rows,
-            suspects=suspects,
+            unanswered=unanswered,
             state_dir=self.context.state.folder,
         )
+
+
+def run_job(
+    job: JobSpec | str | Path,
+    *,
+    api_key: str | None = None,
+    options: RunOptions = RunOptions(),
+    reporter: Reporter | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> RunReport:
+    """Run a job to completion (or to a stop) and return its report; blocks until then.
+
+    ``job`` is a :class:`~pipeline.job.spec.JobSpec` or the path of a job file. The API key
+    is ``api_key`` when given, else read from the environment variable the job names
+    (``[request] api_key_env``); it is never written anywhere. ``transport`` replaces the
+    network (an ``httpx.MockTransport``, see :mod:`pipeline.testing`). Raises a
+    :class:`~pipeline.errors.PipelineError` for a bad job or input, before anything is sent.
+    From inside a running event loop, use ``await Runner(...).run(runner.prepare())``.
+    """
+    from pipeline.job.load import load_job
+
+    spec = job if isinstance(job, JobSpec) else load_job(job)
+    runner = Runner(
+        spec,
+        api_key=spec.api_key() if api_key is None else api_key,
+        options=options,
+        reporter=reporter,
+        transport=transport,
+    )
+    scan = runner.prepare()
+    return anyio.run(runner.run, scan)

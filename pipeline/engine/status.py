@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.engine.context import JobContext
 from pipeline.io.sources import InputScan
 from pipeline.money.pricing import CostParts, Usage, cost_parts
-from pipeline.state.runs import RunRecord, Suspects
+from pipeline.state.runs import RunRecord, Unanswered
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,11 +28,11 @@ class JobStatus:
     last_run: RunRecord | None
     running: str | None
     """Who holds the job's lock, if a run is in progress."""
-    suspects: Suspects | None
+    unanswered: Unanswered | None
 
     def to_dict(self) -> dict[str, Any]:
         last = self.last_run
-        suspects = self.suspects
+        unanswered = self.unanswered
         return {
             "job": self.job,
             "state_dir": self.state_dir,
@@ -63,13 +63,13 @@ class JobStatus:
             },
             "running": self.running,
             "double_spend_suspects": None
-            if suspects is None
+            if unanswered is None
             else {
-                "run": suspects.run,
-                "count": suspects.count,
+                "run": unanswered.run,
+                "count": unanswered.count,
                 "worst_cost_usd": None
-                if suspects.worst_cost_usd is None
-                else str(suspects.worst_cost_usd),
+                if unanswered.worst_cost_usd is None
+                else str(unanswered.worst_cost_usd),
             },
         }
 
@@ -104,5 +104,5 @@ def job_status(context: JobContext, scan: InputScan) -> JobStatus:
         spent_parts=None if price is None else cost_parts(spent, price),
         last_run=history[-1] if history else None,
         running=running,
-        suspects=None if running else state.suspects(),
+        unanswered=None if running else state.unanswered(),
     )

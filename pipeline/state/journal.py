@@ -9,7 +9,7 @@ input rows (``results/000003.jsonl`` holds rows 12288-16383):
     one :class:`~pipeline.results.RowResult` per finished row.
 
 Writers append in groups and fsync before returning, so a result is durable a fraction of a
-second after it arrives. A row that was sent but has no result is a double-spend suspect:
+second after it arrives. A row that was sent but has no result is *unanswered*:
 the provider may have billed it, and a resumed run sends it again. Bucketing by row number
 keeps resume and the in-order assembly bounded in memory: only one bucket is held at a time.
 A torn last line (a crash mid-write) is skipped, never fatal.

@@ -1,4 +1,4 @@
-"""The job's state folder: a lock, the history of runs, and double-spend suspects.
+"""The job's state folder: a lock, the history of runs, and the requests left unanswered.
 
 ::
 
@@ -9,10 +9,12 @@
       results/        finished rows                    (see pipeline.state.journal)
 
 A run that has a start line and no end line did not finish: it was killed (SIGKILL, power
-loss, a crash). Requests of the last run that were sent but have no result are
-*double-spend suspects*: the provider may have billed them, and the next run sends them
-again. Their number is bounded by the requests in flight plus the results of the last
-commit window, and is reported when the next run starts and by ``pipeline status``.
+loss, a crash). Requests of the last run that were sent but have no result are *unanswered*
+(:class:`Unanswered`; ``pipeline status`` calls them double-spend suspects, and
+``runs.jsonl`` keeps them under the key ``suspects``, as older state folders have them): the
+provider may have billed them, and the next run sends them again. Their number is bounded by
+the requests in flight plus the results of the last commit window, and is reported when the
+next run starts and by ``pipeline status``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ MTIME_SLACK_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Suspects:
+class Unanswered:
     """Requests of one run that were sent and have no result."""
 
     run: int
@@ -57,7 +59,7 @@ class RunRecord:
     how: str | None = None
     """``completed``, ``interrupted``, ``failed``; None when the run did not end."""
     summary: dict[str, Any] | None = None
-    suspects: Suspects | None = None
+    unanswered: Unanswered | None = None
     """What this run found left over by the run before it."""
     fresh: bool = False
     """The run started over (``--fresh``): nothing before it counts."""
@@ -67,7 +69,7 @@ class RunRecord:
         return self.how is not None
 
 
-class JobState:
+class StateFolder:
     """One job's state folder."""
 
     def __init__(self, folder: Path) -> None:
@@ -147,10 +149,10 @@ class JobState:
                 continue  # a torn line
             if event.get("event") == "start":
                 found = event.get("suspects")
-                suspects = None
+                unanswered = None
                 if found:
                     worst = found.get("worst_cost_usd")
-                    suspects = Suspects(
+                    unanswered = Unanswered(
                         run=int(found["run"]),
                         count=int(found["count"]),
                         worst_cost_usd=None if worst is None else Decimal(worst),
@@ -159,7 +161,7 @@ class JobState:
                     run=run,
                     started_at=float(event["at"]),
                     pid=int(event.get("pid", 0)),
-                    suspects=suspects,
+                    unanswered=unanswered,
                     fresh=bool(event.get("fresh", False)),
                 )
             elif event.get("event") == "end" and run in runs:
@@ -171,12 +173,12 @@ class JobState:
                     ended_at=float(event["at"]),
                     how=str(event["how"]),
                     summary=event.get("summary"),
-                    suspects=start.suspects,
+                    unanswered=start.unanswered,
                     fresh=start.fresh,
                 )
         return [runs[key] for key in sorted(runs)]
 
-    def begin_run(self, suspects: Suspects | None, *, fresh: bool = False) -> int:
+    def begin_run(self, unanswered: Unanswered | None, *, fresh: bool = False) -> int:
         """Record that a run starts; returns its number."""
         history = self.history()
         run = history[-1].run + 1 if history else 1
@@ -184,11 +186,11 @@ class JobState:
         event["pid"] = os.getpid()
         if fresh:
             event["fresh"] = True
-        if suspects is not None:
-            worst = suspects.worst_cost_usd
+        if unanswered is not None:
+            worst = unanswered.worst_cost_usd
             event["suspects"] = {
-                "run": suspects.run,
-                "count": suspects.count,
+                "run": unanswered.run,
+                "count": unanswered.count,
                 "worst_cost_usd": None if worst is None else str(worst),
             }
         append_lines(self._runs, [json.dumps(event)])
@@ -200,7 +202,7 @@ class JobState:
 
     # -- double spend --------------------------------------------------------------------
 
-    def suspects(self) -> Suspects | None:
+    def unanswered(self) -> Unanswered | None:
         """Requests of the last run that were sent and have no result from that run."""
         history = self.history()
         if not history or history[-1].how == COMPLETED:
@@ -212,7 +214,7 @@ class JobState:
             worst_text = last.summary.get("unanswered_worst_usd")
             if unanswered <= 0:
                 return None
-            return Suspects(
+            return Unanswered(
                 run=last.run,
                 count=unanswered,
                 worst_cost_usd=None if worst_text is None else Decimal(worst_text),
@@ -231,7 +233,7 @@ class JobState:
                 worst = None
         if count == 0:
             return None
-        return Suspects(run=last.run, count=count, worst_cost_usd=worst)
+        return Unanswered(run=last.run, count=count, worst_cost_usd=worst)
 
     # -- money ---------------------------------------------------------------------------
 
@@ -251,7 +253,7 @@ class JobState:
         if current and current[0].fresh:
             return Decimal(0)
         left_over = {
-            r.suspects.run: r.suspects for r in [*runs, *current] if r.suspects is not None
+            r.unanswered.run: r.unanswered for r in [*runs, *current] if r.unanswered is not None
         }
         killed = {r.run for r in runs if r.summary is None or "cost_usd" not in r.summary}
         total = Decimal(0)
@@ -271,9 +273,9 @@ class JobState:
                         return None
                     total += result.cost_usd
             for run in killed:
-                suspects = left_over.get(run)
-                if suspects is not None:
-                    if suspects.worst_cost_usd is None:
+                unanswered = left_over.get(run)
+                if unanswered is not None:
+                    if unanswered.worst_cost_usd is None:
                         return None
-                    total += suspects.worst_cost_usd
+                    total += unanswered.worst_cost_usd
         return total
