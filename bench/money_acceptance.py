@@ -9,7 +9,7 @@ counters (``/_stats``). Three checks:
    summary JSON) and against the server's ``prompt_tokens_total``. The structured job re-asks
    invalid answers (each re-ask is a billed prompt), so it runs twice: against a server with
    ``invalid_json_rate=0`` (no re-asks: the totals must match to the token), and against the
-   default 5 % server, where the estimate's per-row counts (``estimate --output``) must equal
+   default 5 % server, where the estimate's per-row counts (``estimate --rows-to``) must equal
    the output's ``prompt_tokens`` on every row that was not re-asked (first attempt only), and
    be exceeded on every re-asked row.
 2. **Cost after a 2 % sample.** ``estimate --sample 2%`` (2 % of the rows, at least 20), then
@@ -129,7 +129,7 @@ def cli(*args: str, codes: tuple[int, ...] = (EXIT_OK,)) -> subprocess.Completed
 
 
 def estimate(job: str, url: str, out: Path, *extra: str) -> dict[str, Any]:
-    proc = cli("estimate", job, "--base-url", url, "--run-output", str(out), "--json", *extra)
+    proc = cli("estimate", job, "--base-url", url, "--output", str(out), "--json", *extra)
     data: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{") :])
     return data
 
@@ -246,7 +246,7 @@ def check_tokens(job: str, tmp: Path, report: Report) -> list[list[str]]:
         out = tmp / f"tokens-{name}-{len(lines)}" / "out.parquet"
         per_row = out.parent / "estimate.parquet"
         with server(**options) as url:
-            before = estimate(job, url, out, "--output", str(per_row))
+            before = estimate(job, url, out, "--rows-to", str(per_row))
             code, summary = run(job, url, out)
             stats = server_stats(url)
         this = summary["this_run"]

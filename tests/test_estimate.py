@@ -420,7 +420,7 @@ def test_per_row_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.chdir(tmp_path)
     target = tmp_path / "per_row.parquet"
     data = estimate_json(
-        str(ROOT / "jobs/label_reviews.toml"), "--input", str(REVIEWS), "--output", str(target)
+        str(ROOT / "jobs/label_reviews.toml"), "--input", str(REVIEWS), "--rows-to", str(target)
     )
     assert data["per_row_output"] == str(target)
     table = pq.read_table(target)
@@ -455,7 +455,7 @@ def test_per_row_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         (None, ["nope.toml"], "no such job file"),
         ("bad_input", ["job.toml"], "[input] path: no such file or folder"),
         ("bad_window", ["job.toml"], "[pricing] off_peak_start: must be a UTC time"),
-        ("good", ["job.toml", "--output", "x.csv"], "written as .parquet"),
+        ("good", ["job.toml", "--rows-to", "x.csv"], "written as .parquet"),
         ("good", ["job.toml", "--sample", "2"], "WAVESPEED_API_KEY is not set"),
     ],
 )

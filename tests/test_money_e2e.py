@@ -51,7 +51,7 @@ def pipeline_cli(*args: str, codes: tuple[int, ...] = (EXIT_OK,)) -> str:
 
 def estimate(job: str | Path, url: str, out: Path, *extra: str) -> dict[str, Any]:
     stdout = pipeline_cli(
-        "estimate", str(job), "--base-url", url, "--run-output", str(out), "--json", *extra
+        "estimate", str(job), "--base-url", url, "--output", str(out), "--json", *extra
     )
     data: dict[str, Any] = json.loads(stdout[stdout.index("{") :])
     return data
@@ -124,7 +124,7 @@ def check_reasks(folder: Path, url: str) -> None:
     job = "jobs/label_reviews_structured.toml"
     out = folder / "out.parquet"
     per_row = folder / "estimate.parquet"
-    estimate(job, url, out, "--limit", "150", "--output", str(per_row))
+    estimate(job, url, out, "--limit", "150", "--rows-to", str(per_row))
     _, summary = run(job, url, out, "--limit", "150")
     assert summary["this_run"]["reasks"] > 0
     rows = (

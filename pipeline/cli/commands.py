@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import click
@@ -29,7 +31,10 @@ from pipeline.errors import (
     EXIT_ROWS_FAILED,
     JobFileError,
 )
-from pipeline.job.spec import Overrides, apply_overrides
+from pipeline.job.spec import JobSpec, Overrides, apply_overrides
+
+if TYPE_CHECKING:
+    from pipeline.engine.report import RunReport
 
 
 class _Cli(click.Group):
@@ -82,6 +87,13 @@ def cli() -> None:
     show_default=True,
     help="OpenAI batch file: the environment variable holding the API key.",
 )
+@click.option("-v", "--verbose", is_flag=True, help="Also print every retry and failed row.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append plain log lines here: the figures, every retry and failed row, the summary.",
+)
 @report_errors
 def run(
     job_file: str,
@@ -97,6 +109,9 @@ def run(
     model: str | None,
     max_in_flight: int | None,
     api_key_env: str,
+    verbose: bool,
+    quiet: bool,
+    log_file: Path | None,
 ) -> None:
     """Run JOB_FILE: send one request per input row and write the output Parquet.
 
@@ -104,6 +119,7 @@ def run(
     is: give --base-url (or --local) and optionally --output, --model, --max-in-flight.
     """
     from pipeline.cli.display import LiveReporter
+    from pipeline.engine.report import Reporter
     from pipeline.engine.runner import Runner, RunOptions
 
     if local and base_url:
@@ -128,7 +144,13 @@ def run(
         overrides,
     )
     api_key = api_key_for(job, local=local)
-    reporter = LiveReporter()
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet cannot be used together.")
+    reporter: Reporter = LiveReporter(verbose=verbose, quiet=quiet)
+    if log_file is not None:
+        from pipeline.cli.logfile import Fanout, PlainLog
+
+        reporter = Fanout(reporter, PlainLog(log_file))
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, handle_signals=True)
     tune_gc()
     with endpoint(job, local=local) as target:
@@ -156,17 +178,41 @@ def run(
         )
         sys.exit(EXIT_INTERRUPTED)
     if report.over_budget and report.budget is not None:
-        budget = report.budget
-        click.echo(
-            f"stopped at the budget: ${budget.spent:.6f} spent of the ${budget.cap} cap, and "
-            "the next request could have passed it. Finished rows are kept in "
-            f"{target.output.state_path}. To continue, raise [budget] max_cost_usd or pass a "
-            "higher --max-cost and run the same command again: finished rows are not sent "
-            "again.",
-            err=True,
-        )
+        click.echo(budget_stop_message(report, target, job_file), err=True)
         sys.exit(EXIT_OVER_BUDGET)
     sys.exit(EXIT_OK if report.all_ok else EXIT_ROWS_FAILED)
+
+
+SPARE = Decimal("1.1")
+"""The cap suggested after a budget stop covers the rest of the job with 10% to spare."""
+
+
+def budget_stop_message(report: RunReport, job: JobSpec, job_file: str) -> str:
+    """What to do after a stop at the budget: running the same command again would stop
+    again at once, so say by how much to raise the cap."""
+    budget = report.budget
+    assert budget is not None
+    head = (
+        f"stopped at the budget: ${budget.spent:.6f} spent of the ${budget.cap} cap, and the "
+        f"next request could have passed it. Finished rows are kept in "
+        f"{job.output.state_path}."
+    )
+    rest = report.cost_of_the_rest()
+    if rest is None:
+        advice = (
+            f" {report.rows_left:,} rows are left: see what they cost with `pipeline estimate "
+            f"{job_file}`, then raise [budget] max_cost_usd (or --max-cost) above "
+            f"${budget.spent:.6f} by that much"
+        )
+    else:
+        per_row = report.final.cost_usd or Decimal(0)
+        per_row /= max(1, report.final.ok + report.final.failed)
+        advice = (
+            f" {report.rows_left:,} rows are left, about ${rest:.6f} more at this run's "
+            f"${per_row:.6f} a row: raise [budget] max_cost_usd (or --max-cost) to at least "
+            f"${budget.spent + rest * SPARE:.6f} (10% to spare)"
+        )
+    return head + advice + " and run the same command again; finished rows are not sent again."
 
 
 @cli.command()
@@ -226,8 +272,6 @@ def status(
 @report_errors
 def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None) -> None:
     """Write JOB_FILE's results in another tool's format (nothing is sent)."""
-    from pathlib import Path
-
     from pipeline.io.openai_export import export_openai_batch
 
     job = apply_overrides(

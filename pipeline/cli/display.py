@@ -77,15 +77,28 @@ def figures(s: Snapshot, *, price_known: bool) -> str:
 
 
 class LiveReporter(Reporter):
-    """A rich live display on a terminal, or a log line every few seconds elsewhere."""
+    """A rich live display on a terminal, or a log line every few seconds elsewhere.
 
-    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+    ``verbose`` also prints every retry, re-ask and failure with its row; ``quiet`` prints
+    only notices (a stop, requests left unanswered) and the errors the command reports.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        live: bool | None = None,
+        verbose: bool = False,
+        quiet: bool = False,
+    ) -> None:
         self.stream = stream or sys.stderr
+        self.verbose = verbose and not quiet
+        self.quiet = quiet
         probe = Console(file=self.stream)
         self.live_mode = probe.is_terminal if live is None else live
         # Log lines are never wrapped when the output is not a terminal.
         width = None if probe.is_terminal else 200
-        self.console = Console(file=self.stream, highlight=False, width=width)
+        self.console = Console(file=self.stream, highlight=False, width=width, quiet=quiet)
         self._live: Live | None = None
         self._last_log = time.monotonic()
         self._job = ""
@@ -114,7 +127,7 @@ class LiveReporter(Reporter):
                 style="yellow",
                 markup=False,
             )
-        if self.live_mode:
+        if self.live_mode and not self.quiet:
             self._live = Live(console=self.console, refresh_per_second=4, transient=True)
             self._live.start()
 
@@ -144,7 +157,14 @@ class LiveReporter(Reporter):
 
     def notice(self, message: str) -> None:
         console = self._live.console if self._live is not None else self.console
+        if self.quiet:
+            console = Console(file=self.stream, highlight=False)
         console.print(message, style="yellow", markup=False)
+
+    def event(self, message: str) -> None:
+        if self.verbose:
+            console = self._live.console if self._live is not None else self.console
+            console.print(message, style="dim", markup=False)
 
     def finish(self, report: RunReport) -> None:
         self.close()
@@ -195,7 +215,12 @@ def print_summary(console: Console, report: RunReport) -> None:
     if report.interrupted or report.over_budget:
         pending = s.total_rows - s.done
         table.add_row("output", f"{report.output} ({report.output_rows:,} finished rows so far)")
-        table.add_row("pending", f"{pending:,} rows: run the same command again to resume")
+        how = (
+            "raise the budget's cap (see below), then run the same command again"
+            if report.over_budget
+            else "run the same command again to resume"
+        )
+        table.add_row("pending", f"{pending:,} rows: {how}")
     else:
         table.add_row("output", str(report.output))
     table.add_row("run summary", f"{summary_path(report.output)} (tokens and dollars by kind)")

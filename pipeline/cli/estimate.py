@@ -103,7 +103,10 @@ def _sample(
 @click.option("--limit", type=click.IntRange(min=1), help="Estimate only the first N rows.")
 @click.option("--base-url", help="As for `run --base-url`.")
 @click.option(
-    "--run-output", "run_output", help="The --output the runs use (it locates their state)."
+    "--output",
+    "--run-output",
+    "run_output",
+    help="The --output the runs use, if they use one (it locates their state).",
 )
 @click.option(
     "--sample",
@@ -114,10 +117,10 @@ def _sample(
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
 @click.option(
-    "--output",
+    "--rows-to",
     "per_row",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write per-row estimates to this Parquet file.",
+    help="Write the estimate of every row to this Parquet file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
 @report_errors
@@ -142,7 +145,7 @@ def estimate(
         Overrides(input=input_path, output=run_output, base_url=base_url, limit=limit),
     )
     if per_row is not None and per_row.suffix.lower() != ".parquet":
-        raise UsageError(f"--output {per_row}: per-row estimates are written as .parquet.")
+        raise UsageError(f"--rows-to {per_row}: per-row estimates are written as .parquet.")
     sampled = 0
     if sample:
         job, sampled = _sample(job, local=local, size=sample, seed=seed)

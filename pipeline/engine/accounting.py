@@ -46,6 +46,10 @@ class RowProgress:
     reasks: int = 0
     usage: Usage = ZERO_USAGE
     cost: Decimal = Decimal(0)
+    reached: bool = False
+    """Some attempt reached a server (a row none of whose attempts did was never billed)."""
+    sending: bool = False
+    """An attempt is on its way now (whether it reached a server is not known yet)."""
 
     def bill(self, usage: Usage, parts: CostParts | None) -> Decimal | None:
         """Count one billed answer costing ``parts``; returns its cost (None when the price

@@ -24,7 +24,7 @@ from pipeline.io.openai_batch import (
     iter_batch_records,
     scan_batch_file,
 )
-from pipeline.io.sinks import RESULT_COLUMNS
+from pipeline.io.sinks import RESULT_COLUMNS, check_writable
 from pipeline.io.sources import InputScan, iter_batches, resolve_input, scan_input
 from pipeline.job.models import model_facts
 from pipeline.job.spec import JobSpec
@@ -100,10 +100,13 @@ class JobContext:
         request = self.job.request
         if self.job.budget.max_cost_usd is not None and request.max_tokens is None:
             worst = self.pricing.worst_cost(0)
+            longest = self.pricing.max_output
+            tokens = "an unknown number of" if longest is None else f"{longest:,}"
+            money = "at a price not known" if worst is None else f"${worst:.4f} of output"
             found.append(
                 f"a budget is set but max_tokens is not: every request reserves the model's "
-                f"longest answer ({self.pricing.max_output or 'unknown':,} tokens, "
-                f"${worst or 0:.4f} of output) until it is answered. Set max_tokens."
+                f"longest answer ({tokens} tokens, {money}) until it is answered. "
+                "Set max_tokens."
             )
         if request.thinking and (request.max_tokens or 0) < THINKING_MIN_TOKENS:
             found.append(
@@ -114,6 +117,28 @@ class JobContext:
                 'thinking = "disabled".'
             )
         return found
+
+    def check_before_sending(self, *, write_output: bool = True) -> None:
+        """What a run needs beyond a valid input: an output it can write (unless it writes
+        none), a state folder it can make, and a price when the job has a budget."""
+        job = self.job
+        if write_output:
+            where = "[output] path (or --output)"
+            check_writable(job.output.path, job_source=job.source, key=where)
+        where = "[output] state_dir (or the output's folder)"
+        check_writable(job.output.state_path, job_source=job.source, key=where, folder=True)
+        self.check_priced()
+
+    def check_priced(self) -> None:
+        """A budget needs a price to enforce."""
+        if self.job.budget.max_cost_usd is not None and self.price is None:
+            raise JobFileError(
+                self.job.source,
+                "[budget] max_cost_usd",
+                f"needs a price, and {self.job.request.model} at {self.job.request.base_url} "
+                "has none built in.",
+                "Add [pricing] input and output (USD per million tokens).",
+            )
 
     def learned_limit(self) -> LearnedLimit | None:
         """What the job's last run against this endpoint and model learned of its limit."""

@@ -4,6 +4,7 @@ receives its figures as it goes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from pipeline.engine.stats import Snapshot
@@ -30,6 +31,20 @@ class RunReport:
     state_dir: Path | None = None
 
     @property
+    def rows_left(self) -> int:
+        """Input rows with no result yet (to send in a later run)."""
+        return max(0, self.final.total_rows - self.final.done)
+
+    def cost_of_the_rest(self) -> Decimal | None:
+        """What the rows left would cost at this run's average cost per finished row (None
+        when this run finished none, or the price is unknown)."""
+        finished = self.final.ok + self.final.failed
+        cost = self.final.cost_usd
+        if cost is None or finished == 0:
+            return None
+        return cost / finished * self.rows_left
+
+    @property
     def all_ok(self) -> bool:
         return self.final.failed == 0 and self.final.resumed_failed == 0
 
@@ -49,6 +64,9 @@ class Reporter:
 
     def notice(self, message: str) -> None:
         """Something a person should read now (a stop, requests left in flight)."""
+
+    def event(self, message: str) -> None:
+        """One row's retry, re-ask or failure, naming the row (for --verbose and log files)."""
 
     def update(self, snapshot: Snapshot) -> None:
         """Called every ``tick_s`` while the run goes on."""

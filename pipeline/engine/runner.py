@@ -49,7 +49,7 @@ from pipeline.engine.sender import RowSender, answer_rules, retry_policy
 from pipeline.engine.stats import RunStats
 from pipeline.engine.summary import run_summary, write_summary
 from pipeline.engine.writer import ResultWriter
-from pipeline.errors import JobFileError, PipelineError, StateError
+from pipeline.errors import PipelineError, StateError
 from pipeline.io.ordered import MAX_WAITING_ROWS, OrderedOutput
 from pipeline.io.sinks import OutputWriter
 from pipeline.io.sources import InputScan
@@ -149,8 +149,11 @@ class Runner:
         self._run_id = 0
 
     def prepare(self) -> InputScan:
-        """Validate the job against its input; nothing is sent. Raises on any mistake."""
-        return self.context.scan()
+        """Validate the job against its input, and check that the run can write what it
+        must and keep its budget; nothing is sent. Raises on any mistake."""
+        scan = self.context.scan()
+        self.context.check_before_sending(write_output=self.options.write_output)
+        return scan
 
     def warnings(self) -> list[str]:
         """What a person should know before the run spends anything."""
@@ -217,15 +220,7 @@ class Runner:
         cap = self.job.budget.max_cost_usd
         if cap is None:
             return None
-        key = "[budget] max_cost_usd"
-        if self.context.price is None:
-            raise JobFileError(
-                self.job.source,
-                key,
-                f"needs a price, and {self.job.request.model} at {self.job.request.base_url} "
-                "has none built in.",
-                "Add [pricing] input and output (USD per million tokens).",
-            )
+        self.context.check_priced()
         spent = self.context.state.spent_usd(before=self._run_id)
         if spent is None:
             raise StateError(
@@ -290,6 +285,7 @@ class Runner:
             url=self.context.url,
             rng=self._rng,
             clock=self._clock,
+            event=self.reporter.event,
         )
         output = writer.output
         try:

@@ -75,8 +75,11 @@ class RowSender:
         url: str,
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
+        event: Callable[[str], None] = lambda message: None,
     ) -> None:
         self._job = job
+        self._event = event
+        """Told of every retry, re-ask and failure, with the row (never of successes)."""
         self._client = client
         self._accounts = accounts
         self._stats = stats
@@ -101,7 +104,15 @@ class RowSender:
                 if self._control.stopping:
                     continue  # drain what was queued without sending it
                 intent = self._accounts.intent(planned)
-                result = await self.send_row(planned, intent)
+                row = RowProgress(
+                    body=planned.body or b"", prompt_tokens=planned.prompt_tokens or 0
+                )
+                result: RowResult | None = None
+                try:
+                    result = await self.send_row(planned, intent, row)
+                finally:  # also when a stop cancels the row
+                    if result is None and row.attempts and not (row.reached or row.sending):
+                        self._accounts.answered(intent)  # never left this machine: not billed
                 if result is None:
                     continue
                 await results.send(result)
@@ -110,6 +121,7 @@ class RowSender:
 
     def unrenderable(self, planned: PlannedRow) -> RowResult:
         """The result of a row whose request could not be made (nothing is sent)."""
+        self._event(f"row {planned.row}: not sent: {planned.failure}")
         return RowResult(
             key=planned.key,
             row=planned.row,
@@ -119,15 +131,18 @@ class RowSender:
             run=self._run,
         )
 
-    async def send_row(self, planned: PlannedRow, intent: Intent) -> RowResult | None:
-        """Send one row until it succeeds or fails for good; None if the job stops first."""
+    async def send_row(
+        self, planned: PlannedRow, intent: Intent, row: RowProgress
+    ) -> RowResult | None:
+        """Send one row (``row`` follows its progress) until it succeeds or fails for good;
+        None if the job stops first."""
         assert planned.body is not None
-        row = RowProgress(body=planned.body, prompt_tokens=planned.prompt_tokens or 0)
         started = self._clock()
         while True:
             try:
                 attempt = await self._attempt(row, intent if row.attempts == 0 else None)
             except NeverFitsError as exc:
+                self._event(f"row {planned.row}: not sent: {exc.reason}")
                 return self._finish(planned, row, None, error=f"not sent: {exc.reason}")
             except OverBudget:
                 return self._abandon(planned, row)
@@ -156,7 +171,14 @@ class RowSender:
                 self._stop_for_auth(decision.reason)
                 return self._abandon(planned, row)
             if isinstance(decision, retry.GiveUp):
+                self._event(
+                    f"row {planned.row}: failed after {row.attempts} attempt(s): {decision.reason}"
+                )
                 return self._finish(planned, row, attempt, error=decision.reason)
+            self._event(
+                f"row {planned.row}: attempt {row.attempts} failed ({detail}); trying again in "
+                f"{decision.after_s:.1f} s"
+            )
             self._stats.retries += 1
             await anyio.sleep(decision.after_s)
             if self._control.stopping:
@@ -169,12 +191,16 @@ class RowSender:
         attempt: Attempt | None = None
         try:
             self._accounts.sent(intent)
+            row.sending = True  # stays set if the attempt is cut off: it may have reached
             try:
                 attempt = await self._client.send(row.body)
             finally:
                 self._accounts.returned()
+            row.sending = False
             if attempt.status is not None:
                 self._answered = True
+            if attempt.reached:
+                row.reached = True
             return attempt
         finally:
             self._accounts.settle(ticket, row, attempt)
@@ -188,12 +214,14 @@ class RowSender:
             reply, body=row.body, reasks=row.reasks, output_tokens=output, rules=self._rules
         )
         if isinstance(verdict, AskAgain):
+            self._event(f"row {planned.row}: the answer broke the output schema; asking again")
             row.reasks += 1
             self._stats.reasks += 1
             row.body = verdict.body
             row.prompt_tokens += verdict.added_tokens
             return None
         if isinstance(verdict, Fail):
+            self._event(f"row {planned.row}: failed: {verdict.error}")
             return self._finish(planned, row, attempt, error=verdict.error)
         return self._finish(planned, row, attempt, error=None, structured=verdict.structured)
 

@@ -14,7 +14,7 @@ from types import TracebackType
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, StateError
+from pipeline.errors import InputError, JobFileError, StateError
 from pipeline.results import RowResult
 from pipeline.rows.schema import OutputSchema
 
@@ -69,6 +69,47 @@ def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
         columns["tool_calls"].append([call.to_dict() for call in r.tool_calls] or None)
         columns["response_id"].append(r.response_id)
     return [pa.array(columns[field.name], type=field.type) for field in RESULT_SCHEMA]
+
+
+def check_writable(where: str | Path, *, job_source: str, key: str, folder: bool = False) -> None:
+    """Fail now, before anything is sent, when ``path`` cannot be written: a URL (remote
+    outputs are not supported), an existing folder where a file is wanted (or a file where a
+    folder is), or a place whose folder cannot be made or written. ``key`` names the setting
+    (``[output] path``); nothing is left behind when the check fails."""
+    text = str(where)  # before Path(), which folds "s3://b" into "s3:/b"
+    path = Path(where)
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise JobFileError(
+            job_source,
+            key,
+            f"{text} is a {scheme}:// URL; outputs and state folders are local paths for now.",
+            "Write to a local path (for example out/result.parquet) and copy it afterwards.",
+        )
+    if folder and path.exists() and not path.is_dir():
+        raise JobFileError(job_source, key, f"{text} is a file, not a folder.", "Give a folder.")
+    if not folder and path.is_dir():
+        raise JobFileError(
+            job_source,
+            key,
+            f"{text} is a folder; the output is one Parquet file.",
+            f"Give a file path, for example {path / 'output.parquet'}.",
+        )
+    parent = path if folder else path.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise JobFileError(
+            job_source, key, f"cannot create {parent}: {existing} is a file.", "Fix the path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise JobFileError(
+            job_source,
+            key,
+            f"cannot write in {existing} (permission denied).",
+            "Choose a folder you can write to, or fix its permissions.",
+        )
 
 
 class OutputWriter:

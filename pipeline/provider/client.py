@@ -12,6 +12,7 @@ The API key is sent as a header and appears in no message.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class Attempt:
     latency_s: float
     rate_headers: Mapping[str, str] | None = None
     """The response's ``x-ratelimit-*`` and ``retry-after`` headers, when it had any."""
+    reached: bool = True
+    """False when the request never left this machine (the name did not resolve, or the
+    connection was refused): no server saw it, so none can have billed it."""
 
     @property
     def ok(self) -> bool:
@@ -176,7 +180,7 @@ class ChatClient:
             return _failed(Failure.TIMEOUT, f"no answer within {self._timeout_s:g} s", started)
         except Exception as exc:  # the seam: nothing from below may escape
             failure, reason = transport_failure(exc, self._timeout_s)
-            return _failed(failure, reason, started)
+            return _failed(failure, reason, started, reached=not never_connected(exc))
         latency = time.monotonic() - started
         rate_headers = _rate_headers(headers, status)
         if status != 200:
@@ -242,8 +246,19 @@ def transport_failure(exc: BaseException, timeout_s: float) -> tuple[Failure, st
     return Failure.CONNECTION, f"connection error ({reason})"
 
 
-def _failed(failure: Failure, error: str, started: float) -> Attempt:
+def never_connected(exc: BaseException) -> bool:
+    """Whether ``exc`` means no connection was ever made, so no byte of the request was sent:
+    the name did not resolve or the connection was refused (aiohttp's connector errors,
+    httpx's ConnectError). A connection dropped or timed out later may have been billed."""
+    cause = exc.__cause__ or exc
+    if isinstance(cause, aiohttp.ClientConnectorError | ConnectionRefusedError | socket.gaierror):
+        return True
+    return type(cause).__name__ == "ConnectError" and type(cause).__module__.startswith("httpx")
+
+
+def _failed(failure: Failure, error: str, started: float, *, reached: bool = True) -> Attempt:
     return Attempt(
+        reached=reached,
         reply=None,
         failure=failure,
         error=error,
