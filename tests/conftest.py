@@ -26,3 +26,17 @@ def local_server() -> Iterator[Callable[..., str]]:
     """
     with contextlib.ExitStack() as servers:
         yield lambda **options: servers.enter_context(testing.local_server(**options))
+
+
+@pytest.fixture
+def sample_jobs(tmp_path: Path) -> Path:
+    """A copy of the project's ``jobs/`` folder in ``tmp_path``, beside a link to its
+    ``data/``: the sample jobs' paths (relative to their folder) then read the sample data
+    and write under ``tmp_path/out``, never into the checkout. Returns the jobs folder."""
+    root = Path(__file__).resolve().parent.parent
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for job in (root / "jobs").glob("*.toml"):
+        (jobs / job.name).write_text(job.read_text())
+    (tmp_path / "data").symlink_to(root / "data", target_is_directory=True)
+    return jobs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -488,3 +489,70 @@ def test_an_http_error_is_exported_as_openai_writes_it(tmp_path: Path) -> None:
     assert no_answer.response is None
     assert no_answer.error is not None
     assert no_answer.error.code == "request_failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: a byte-order mark; the output's default place
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_batch_file_starting_with_a_byte_order_mark_is_read(tmp_path: Path, gz: bool) -> None:
+    def lines(prefix: str) -> str:
+        return "\ufeff" + "".join(json.dumps(request(f"{prefix}{i}")) + "\n" for i in range(3))
+
+    text = lines("r")
+    path = tmp_path / ("batch.jsonl.gz" if gz else "batch.jsonl")
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    assert looks_like_batch_file(path)
+    assert scan_batch_file(path).rows == 3
+    records = list(iter_batch_records(path, limit=None, batch_rows=10))
+    assert records[0].column("custom_id").to_pylist() == ["r0", "r1", "r2"]
+    # Only at the start: one inside the file is a line to fix.
+    both = (text + lines("s")).encode()
+    path.write_bytes(gzip.compress(both) if gz else both)
+    with pytest.raises(InputError, match=r"line 4: is not valid JSON \(it starts with a byte-"):
+        scan_batch_file(path)
+
+
+def test_a_batch_files_output_goes_under_out_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_server: Callable[..., str]
+) -> None:
+    from pipeline.engine.runner import run_job
+    from pipeline.io.openai_batch import batch_file_job, job_models
+    from pipeline.job.spec import Overrides, apply_overrides
+
+    data = tmp_path / "data"
+    data.mkdir()
+    path = write_lines(data / "requests.jsonl", [request("a"), request("b")])
+    here = tmp_path / "work"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    job = batch_file_job(path, model=None, max_in_flight=None, api_key_env=None)
+    assert Path(job.output.path) == Path("out", "requests.output.parquet")
+    base_url = local_server(latency_ms=1, served_models=job_models(job))
+    report = run_job(apply_overrides(job, Overrides(base_url=base_url)))
+    assert report.final.ok == 2
+    assert pq.read_table(here / "out" / "requests.output.parquet").column("id").to_pylist() == [
+        "a",
+        "b",
+    ]
+    assert sorted(p.name for p in data.iterdir()) == ["requests.jsonl"]  # nothing beside it
+
+
+def test_job_models_name_what_a_local_server_must_serve(tmp_path: Path) -> None:
+    from pipeline.io.openai_batch import batch_file_job, job_models
+    from pipeline.job.load import parse_job
+
+    second = request("b")
+    second["body"]["model"] = "m2"
+    path = write_lines(tmp_path / "batch.jsonl", [request("a"), second, request("c")])
+    kept = batch_file_job(path, model=None, max_in_flight=None, api_key_env=None)
+    assert job_models(kept) == ("deepseek/deepseek-v4-flash", "m1", "m2")
+    replaced = batch_file_job(path, model="mine", max_in_flight=None, api_key_env=None)
+    assert job_models(replaced) == ("mine",)
+    one = batch_file_job(SAMPLE, model=None, max_in_flight=None, api_key_env=None)
+    assert job_models(one) == ("meta-llama/Meta-Llama-3-8B-Instruct",)
+    text = 'name = "j"\n[input]\npath = "x.jsonl"\n[request]\nmodel = "my-model"\nprompt = "{t}"\n'
+    assert job_models(parse_job(text + '[output]\npath = "o.parquet"\n', "job.toml")) == (
+        "my-model",
+    )

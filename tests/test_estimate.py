@@ -175,16 +175,16 @@ def test_plan_with_bodies_plans_as_the_planner(job: str, data: Path) -> None:
 def test_input_tokens_equal_what_the_server_counts(
     job: str,
     data: Path,
-    tmp_path: Path,
+    sample_jobs: Path,
     monkeypatch: pytest.MonkeyPatch,
     local_server: Callable[..., str],
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    before = estimate_json(str(ROOT / job), "--input", str(data), "--local")
+    monkeypatch.chdir(sample_jobs.parent)
+    before = estimate_json(str(sample_jobs.parent / job), "--input", str(data), "--local")
     assert before["token_count"] == "exact"
     assert before["rows"]["to_send"] == before["rows"]["total"] > 0
     base = local_server(latency_ms=1)
-    run_job(str(ROOT / job), "--input", str(data), "--base-url", base)
+    run_job(str(sample_jobs.parent / job), "--input", str(data), "--base-url", base)
     with StatsClient(base) as stats:
         counters = stats()
     assert before["input_tokens"]["total"] == counters["prompt_tokens_total"]
@@ -233,10 +233,13 @@ path = "out.parquet"
 
 
 def test_history_gives_the_expected_output_and_its_interval(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_server: Callable[..., str]
+    tmp_path: Path,
+    sample_jobs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    local_server: Callable[..., str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    job = str(ROOT / "jobs/summarize_articles.toml")
+    job = str(sample_jobs / "summarize_articles.toml")
     base = local_server(latency_ms=1)
     run_job(job, "--input", str(ARTICLES), "--base-url", base, "--limit", "15")
     out = pl.read_parquet(tmp_path / "out/summarize-articles.parquet")
@@ -277,10 +280,13 @@ def test_history_gives_the_expected_output_and_its_interval(
 
 
 def test_sample_is_sent_once_and_the_run_does_not_send_it_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_server: Callable[..., str]
+    tmp_path: Path,
+    sample_jobs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    local_server: Callable[..., str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    job = str(ROOT / "jobs/label_reviews.toml")
+    job = str(sample_jobs / "label_reviews.toml")
     base = local_server(latency_ms=1)
     code, output = run_estimate(
         job, "--input", str(REVIEWS), "--base-url", base, "--sample", "20", "--seed", "3"
@@ -381,9 +387,9 @@ path = "out.parquet"
     assert data["output_tokens"]["expected"] == 5 * 393_216
 
 
-def test_json_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_json_shape(tmp_path: Path, sample_jobs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    data = estimate_json(str(ROOT / "jobs/label_reviews.toml"), "--input", str(REVIEWS))
+    data = estimate_json(str(sample_jobs / "label_reviews.toml"), "--input", str(REVIEWS))
     assert set(data) == {
         "job",
         "model",
@@ -416,11 +422,13 @@ def test_json_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert data["duration"]["binding"] == "max_in_flight"
 
 
-def test_per_row_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_per_row_parquet(
+    tmp_path: Path, sample_jobs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     target = tmp_path / "per_row.parquet"
     data = estimate_json(
-        str(ROOT / "jobs/label_reviews.toml"), "--input", str(REVIEWS), "--rows-to", str(target)
+        str(sample_jobs / "label_reviews.toml"), "--input", str(REVIEWS), "--rows-to", str(target)
     )
     assert data["per_row_output"] == str(target)
     table = pq.read_table(target)
@@ -504,12 +512,15 @@ def test_a_percentage_sample_has_a_floor_and_a_count_is_taken_as_given() -> None
 
 
 def test_re_asked_prompts_seen_in_history_count_in_the_expected_input(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_server: Callable[..., str]
+    tmp_path: Path,
+    sample_jobs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    local_server: Callable[..., str],
 ) -> None:
     """A structured job re-asks invalid answers: the prompts it sends again are billed, and
     an estimate after a sample expects them."""
     monkeypatch.chdir(tmp_path)
-    job = str(ROOT / "jobs/label_reviews_structured.toml")
+    job = str(sample_jobs / "label_reviews_structured.toml")
     base = local_server(latency_ms=1, invalid_json_rate=0.5)
     reviews = ("--input", str(REVIEWS))
     code, output = run_estimate(job, *reviews, "--base-url", base, "--sample", "40")

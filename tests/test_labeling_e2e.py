@@ -83,7 +83,7 @@ def test_thinking_on_and_off(
             'reasoning_effort = "high"',
             "" if thinking == "disabled" else 'reasoning_effort = "max"',
         )
-        .replace("data/sample/", f"{ROOT}/data/sample/")
+        .replace("../data/sample/", f"{ROOT}/data/sample/")
     )
     out = tmp_path / "out.parquet"
     done = pipeline_cli("run", job, "--base-url", base_url, "--output", out, "--limit", "10")
@@ -106,7 +106,7 @@ def test_small_max_tokens_with_thinking_warns_and_reports_truncated_rows(
         (ROOT / "jobs/summarize_articles.toml")
         .read_text()
         .replace("max_tokens = 1024", "max_tokens = 40")
-        .replace("data/sample/", f"{ROOT}/data/sample/")
+        .replace("../data/sample/", f"{ROOT}/data/sample/")
     )
     out = tmp_path / "out.parquet"
     done = pipeline_cli("run", job, "--base-url", base_url, "--output", out)
@@ -152,20 +152,20 @@ class BatchOutputLine(pydantic.BaseModel):
 def test_an_openai_batch_file_runs_as_is_and_exports_to_the_batch_output_format(
     tmp_path: Path, local_server: Callable[..., str]
 ) -> None:
-    base_url = local_server(latency_ms=5)
+    base_url = local_server(latency_ms=5, served_models=("meta-llama/Meta-Llama-3-8B-Instruct",))
     batch = tmp_path / "openai_example_batch.jsonl"
     batch.write_text((ROOT / "data/sample/openai_batch.jsonl").read_text())
-    done = pipeline_cli("run", batch, "--base-url", base_url, "--max-in-flight", "4")
+    done = pipeline_cli("run", batch, "--base-url", base_url, "--max-in-flight", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    out = pl.read_parquet(tmp_path / "openai_example_batch.output.parquet")
+    out = pl.read_parquet(tmp_path / "out" / "openai_example_batch.output.parquet")
     assert out["id"].to_list() == ["request-1", "request-2"]
     assert (out["model"] == "meta-llama/Meta-Llama-3-8B-Instruct").all()
 
-    again = pipeline_cli("run", batch, "--base-url", base_url)
+    again = pipeline_cli("run", batch, "--base-url", base_url, cwd=tmp_path)
     assert again.returncode == 0
     assert server_stats(base_url)["ok"] == 2  # resumed: nothing sent twice
 
-    exported = pipeline_cli("export", batch, "--to", tmp_path / "results.jsonl")
+    exported = pipeline_cli("export", batch, "--to", tmp_path / "results.jsonl", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == ["request-1", "request-2"]
@@ -197,9 +197,9 @@ def test_a_completions_batch_file_exports_text_completions(
         for i in range(3)
     ]
     batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    done = pipeline_cli("run", batch, "--base-url", base_url)
+    done = pipeline_cli("run", batch, "--base-url", base_url, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    exported = pipeline_cli("export", batch, "--to", tmp_path / "results.jsonl")
+    exported = pipeline_cli("export", batch, "--to", tmp_path / "results.jsonl", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     for text in (tmp_path / "results.jsonl").read_text().splitlines():
         line = BatchOutputLine.model_validate_json(text)

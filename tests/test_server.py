@@ -14,9 +14,11 @@ from typing import Any
 
 import anyio
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from test_simulate import answer_conforms
 
+from pipeline.engine.runner import run_job
 from pipeline.errors import ProviderError
 from pipeline.rows import tokens
 from pipeline.server.command import serve_command
@@ -982,3 +984,105 @@ def test_strict_structured_output_always_conforms(local_server: Callable[..., st
     assert valid["schema strict=True"] == 20
     assert valid["tool strict"] == 20
     assert valid["schema strict=False"] < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Served models (issue 12): a model typo is OpenAI's 404, not an answer
+
+KNOWN_MODELS = ["deepseek/deepseek-v4-flash", "deepseek-v4-flash", "gpt-4o-mini"]
+
+
+def model_not_found(model: str) -> dict[str, Any]:
+    message = f"The model `{model}` does not exist or you do not have access to it."
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    }
+
+
+def test_served_models_add_to_the_known_ones() -> None:
+    assert ServerOptions().models == tuple(KNOWN_MODELS)
+    assert ServerOptions(served_models=()).models == tuple(KNOWN_MODELS)
+    added = ServerOptions(served_models=["my/model", "gpt-4o-mini"])  # type: ignore[arg-type]
+    assert added.served_models == ("my/model", "gpt-4o-mini")  # a list becomes a tuple
+    assert added.models == (*KNOWN_MODELS, "my/model")
+    for bad in ("a,b", ""):
+        with pytest.raises(ValueError, match="served_models"):
+            ServerOptions(served_models=(bad,))
+    with pytest.raises(ValueError, match="served_models"):
+        ServerOptions(served_models="my/model")  # type: ignore[arg-type]
+
+
+def test_served_models_is_one_comma_separated_flag() -> None:
+    options = ServerOptions(served_models=("my/model", "custom[v2]"))
+    argv = server_argv(options)
+    assert "--served-models=my/model,custom[v2]" in argv
+    args = serve_command.make_context("serve", ["--port", "0", *argv]).params
+    assert args["served_models"] == ("my/model", "custom[v2]")
+    assert server_argv(ServerOptions()) == []
+    for given in ("", " , "):
+        args = serve_command.make_context("serve", ["--served-models", given]).params
+        assert ServerOptions(served_models=args["served_models"]).models == tuple(KNOWN_MODELS)
+
+
+def test_a_model_not_served_gets_openais_404(server: LocalServer, client: httpx.Client) -> None:
+    server.reset_stats()
+    root = server.base_url.removesuffix("/v1")
+    chat = post(client, server.base_url, chat_body("hi", model="deepseek-v4-flsh"))
+    fim = client.post(f"{root}/beta/completions", json={**FIM_BODY, "model": "my/model"})
+    for reply, model in ((chat, "deepseek-v4-flsh"), (fim, "my/model")):
+        assert reply.status_code == 404
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.json() == model_not_found(model)
+    assert post(client, server.base_url, chat_body("hi")).status_code == 200
+    stats = server.stats()
+    assert (stats["404"], stats["ok"], stats["400"], stats["requests_total"]) == (2, 1, 0, 3)
+
+
+def test_served_models_travel_to_the_child_process(client: httpx.Client) -> None:
+    local = LocalServer(ServerOptions(latency_ms=1, served_models=("my/model",)))
+    with local as base_url:
+        listed = client.get(f"{base_url}/models").json()["data"]
+        assert [model["id"] for model in listed] == [*KNOWN_MODELS, "my/model"]
+        assert post(client, base_url, chat_body("hi", model="my/model")).status_code == 200
+        root = base_url.removesuffix("/v1")
+        fim = client.post(f"{root}/v1/completions", json={**FIM_BODY, "model": "my/model"})
+        assert fim.status_code == 200
+        refused = post(client, base_url, chat_body("hi", model="my/modle"))
+        assert (refused.status_code, refused.json()) == (404, model_not_found("my/modle"))
+        assert local.stats()["404"] == 1
+
+
+def test_a_run_with_a_model_typo_fails_its_rows_at_once(
+    tmp_path: Path, server: LocalServer
+) -> None:
+    """The client treats the 404 as permanent: one request a row, the server's message kept."""
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(3)))
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""
+name = "typo"
+[input]
+path = "in.jsonl"
+[request]
+base_url = "{server.base_url}"
+model = "deepseek-v4-flsh"
+prompt = "{{text}}"
+max_tokens = 8
+[output]
+path = "out.parquet"
+"""
+    )
+    server.reset_stats()
+    report = run_job(job)
+    assert (report.final.ok, report.final.failed) == (0, 3)
+    assert server.stats()["404"] == server.stats()["requests_total"] == 3  # no retries
+    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {row["http_status"] for row in out} == {404}
+    assert {row["error"] for row in out} == {
+        "HTTP 404: The model `deepseek-v4-flsh` does not exist or you do not have access to it."
+    }

@@ -96,3 +96,86 @@ def test_gzipped_jsonl_streams(tmp_path: Path) -> None:
     assert scan_input(files, id_column=None, limit=None, job_source="j").rows == 3000
     batches = list(iter_batches(files, ["t"], batch_rows=1000))
     assert [b.num_rows for b in batches] == [1000, 1000, 1000]
+
+
+# -- a byte-order mark (issue 12) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_jsonl_starting_with_a_byte_order_mark_is_read(tmp_path: Path, gz: bool) -> None:
+    """Windows tools (Notepad, PowerShell, Excel) write UTF-8 with a BOM first."""
+    text = '\ufeff{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n'
+    path = tmp_path / ("x.jsonl.gz" if gz else "x.jsonl")
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    files = resolve_input(str(path), "j")
+    scan = scan_input(files, id_column="id", limit=None, job_source="j")
+    assert (scan.rows, scan.columns) == (2, {"id", "text"})
+    [batch] = iter_batches(files, ["id", "text"])
+    assert batch.to_pylist() == [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}]
+
+
+def test_a_byte_order_mark_after_the_start_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a"}\n\ufeff{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(InputError) as caught:
+        scan_input(resolve_input(str(path), "j"), id_column=None, limit=None, job_source="j")
+    assert str(caught.value) == (
+        f"{path}: line 2 is not valid JSON (it starts with a byte-order mark, which only the "
+        "start of the file may have). Fix that line."
+    )
+
+
+# -- one type per column (issue 12) --------------------------------------------------------
+
+
+def mixed_error(path: Path, columns: list[str], batch_rows: int = 2048) -> str:
+    files = resolve_input(str(path), "j")
+    scan_input(files, id_column=None, limit=None, job_source="j")  # the scan reads any type
+    with pytest.raises(InputError) as caught:
+        list(iter_batches(files, columns, batch_rows=batch_rows))
+    return str(caught.value)
+
+
+def test_mixed_types_name_the_column_the_line_and_both_types(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a"}\n{"text": null}\n{}\n{"text": "c"}\n\n{"text": 5}\n')
+    assert mixed_error(path, ["text"]) == (
+        f'{path}: line 6: column "text" is a number here but text on earlier lines; '
+        "make the column one type."
+    )
+
+
+def test_mixed_types_are_found_across_batches(tmp_path: Path) -> None:
+    """Each batch alone is one type; the file is not."""
+    rows: list[dict[str, object]] = [{"n": i} for i in range(5)] + [{"n": True}]
+    path = write_jsonl(tmp_path / "x.jsonl", rows)
+    assert mixed_error(path, ["n"], batch_rows=2) == (
+        f'{path}: line 6: column "n" is true/false here but a number on earlier lines; '
+        "make the column one type."
+    )
+
+
+def test_mixed_contents_and_huge_numbers_name_their_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"tags": [1]}, {"tags": [2]}, {"tags": ["x"]}])
+    message = mixed_error(path, ["tags"])
+    assert message.startswith(f'{path}: line 3: column "tags" holds values whose contents')
+    assert message.endswith("make the column one type.")
+    path.write_text('{"n": 1}\n{"n": 2}\n{"n": 123456789012345678901234567890}\n')
+    assert mixed_error(path, ["n"]) == (
+        f'{path}: line 3: column "n" holds a number too large for 64 bits; make it smaller, '
+        "or write the column's values in quotes, as text."
+    )
+
+
+def test_one_type_per_column_allows_nulls_mixed_numbers_and_unread_columns(
+    tmp_path: Path,
+) -> None:
+    rows: list[dict[str, object]] = [
+        {"n": 1, "other": "x"},
+        {"n": None, "other": 2},
+        {"n": 2.5, "other": [3]},
+    ]
+    files = resolve_input(str(write_jsonl(tmp_path / "x.jsonl", rows)), "j")
+    assert scan_input(files, id_column=None, limit=None, job_source="j").rows == 3
+    [batch] = iter_batches(files, ["n"])
+    assert batch.column(0).to_pylist() == [1.0, None, 2.5]

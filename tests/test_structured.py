@@ -320,3 +320,62 @@ path = "{tmp_path / order}.parquet"
     assert run_with("input") == ["A", "B"] * 5
     # _run reads batches of 5 rows: A B A B A | B A B A B, each sorted by its prompts
     assert run_with("prefix") == ["A", "A", "A", "B", "B", "A", "A", "B", "B", "B"]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_json_schema_response_format_gives_typed_columns_against_the_built_in_server(
+    tmp_path: Path, local_server: Any, strict: bool
+) -> None:
+    """OpenAI's convention alone, no [output] schema: the answers are checked and typed. A
+    strict schema is enforced by the provider (the built-in server never breaks it); without
+    strict, answers that break it are asked again."""
+    from pipeline.server.process import server_stats
+
+    base_url = local_server(latency_ms=1, invalid_json_rate=0.3)
+    rows = 40
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(rows)]}), tmp_path / "in.parquet")
+    job = parse_job(
+        f"""
+name = "rf"
+[input]
+path = "in.parquet"
+[request]
+base_url = "{base_url}"
+model = "deepseek-v4-flash"
+prompt = "Label {{text}}."
+max_tokens = 200
+thinking = "disabled"
+[request.response_format]
+type = "json_schema"
+[request.response_format.json_schema]
+name = "label"
+strict = {str(strict).lower()}
+[request.response_format.json_schema.schema]
+type = "object"
+required = ["label", "confidence"]
+additionalProperties = false
+properties.label = {{ type = "string", enum = ["positive", "negative", "neutral"] }}
+properties.confidence = {{ type = "number", minimum = 0, maximum = 1 }}
+[output]
+path = "out/labels.parquet"
+max_reasks = 3
+""",
+        tmp_path / "job.toml",
+    )
+    assert job.output.path == str(tmp_path / "out/labels.parquet")  # beside the job file
+    runner = Runner(job, api_key=None)
+    report = anyio.run(runner.run, runner.prepare())
+    out = pl.read_parquet(job.output.path)
+    assert out.schema["label"] == pl.Categorical
+    assert out.schema["confidence"] == pl.Float64
+    ok = out.filter(pl.col("status") == "ok")
+    assert ok["label"].null_count() == 0
+    assert ok["confidence"].is_between(0, 1).all()
+    stats = server_stats(base_url)
+    if strict:
+        assert ok.height == rows
+        assert report.final.reasks == 0
+        assert stats["requests_total"] == rows
+    else:
+        assert report.final.reasks > 0  # 30 % of answers break the schema: asked again
+        assert stats["requests_total"] == rows + report.final.reasks

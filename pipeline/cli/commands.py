@@ -15,13 +15,13 @@ import anyio
 import click
 
 from pipeline.cli.common import (
-    LOCAL_IDENTITY,
     api_key_for,
     endpoint,
     load_job_or_batch,
     load_to_read,
     loop_options,
     report_errors,
+    show_notices,
     tune_gc,
 )
 from pipeline.errors import (
@@ -75,7 +75,10 @@ def cli() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Stop before the job's spend (all runs) could pass this many USD (exit code 4).",
 )
-@click.option("--model", help="OpenAI batch file: send every request to this model.")
+@click.option(
+    "--model",
+    help="Send every request to this model (its results are kept apart from other models').",
+)
 @click.option(
     "--max-in-flight",
     type=click.IntRange(min=1),
@@ -130,6 +133,8 @@ def run(
         base_url=base_url,
         limit=limit,
         max_cost=None if max_cost is None else Decimal(str(max_cost)),
+        model=model,
+        local=local,
     )
     job = apply_overrides(
         load_job_or_batch(
@@ -143,7 +148,8 @@ def run(
         ),
         overrides,
     )
-    api_key = api_key_for(job, local=local)
+    show_notices(job)
+    api_key = api_key_for(job)
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet cannot be used together.")
     reporter: Reporter = LiveReporter(verbose=verbose, quiet=quiet)
@@ -153,7 +159,7 @@ def run(
         reporter = Fanout(reporter, PlainLog(log_file))
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, handle_signals=True)
     tune_gc()
-    with endpoint(job, local=local) as target:
+    with endpoint(job) as target:
         runner = Runner(target, api_key=api_key, options=options, reporter=reporter)
         scan = runner.prepare()
         for warning in runner.warnings():
@@ -221,7 +227,8 @@ def budget_stop_message(report: RunReport, job: JobSpec, job_file: str) -> str:
 @click.option("--output", "output_path", help="The output, if the run used --output.")
 @click.option("--limit", type=click.IntRange(min=1), help="The --limit the run used.")
 @click.option("--base-url", help="The --base-url the run used.")
-@click.option("--local", is_flag=True, help="Show the results of --local runs.")
+@click.option("--model", help="The --model the run used.")
+@click.option("--local", is_flag=True, help="Show the --local runs' side (the built-in server).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @report_errors
 def status(
@@ -231,6 +238,7 @@ def status(
     output_path: str | None,
     limit: int | None,
     base_url: str | None,
+    model: str | None,
     local: bool,
     as_json: bool,
 ) -> None:
@@ -246,10 +254,11 @@ def status(
         output=output_path,
         limit=limit,
         base_url=base_url,
-        identity=LOCAL_IDENTITY if local else None,
+        model=model,
+        local=local,
     )
     job = load_to_read(job_file, limit=limit)
-    context = JobContext(apply_overrides(job, overrides))
+    context = JobContext(show_notices(apply_overrides(job, overrides)))
     report = job_status(context, context.scan())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -268,27 +277,31 @@ def status(
     help="openai-batch: the OpenAI Batch API's output file format (also vLLM run-batch's).",
 )
 @click.option("--output", "output_path", help="The run's output, if it used --output.")
+@click.option("--local", is_flag=True, help="Export the --local runs' output.")
 @click.option("--to", "dest", help="Write here (default: beside the output, .jsonl).")
 @report_errors
-def export(job_file: str, *, fmt: str, output_path: str | None, dest: str | None) -> None:
+def export(
+    job_file: str, *, fmt: str, output_path: str | None, local: bool, dest: str | None
+) -> None:
     """Write JOB_FILE's results in another tool's format (nothing is sent)."""
     from pipeline.io.openai_export import export_openai_batch
 
-    job = apply_overrides(
-        load_to_read(job_file),
-        Overrides(output=output_path),
+    job = show_notices(
+        apply_overrides(load_to_read(job_file), Overrides(output=output_path, local=local))
     )
     source = Path(job.output.path)
     if not source.is_file():
         raise JobFileError(
             job.source,
             "[output] path",
-            f"there is no output at {source} yet.",
-            "Run the job first (or pass --output if the run used it).",
+            f"there is no{' --local' if local else ''} output at {source} yet.",
+            "Run the job first (or pass --output if the run used it"
+            f"{'' if local else ', or --local if it ran against the built-in server'}).",
         )
     target = Path(dest) if dest else source.with_name(f"{source.stem}.{fmt}.jsonl")
     rows = export_openai_batch(source, target, endpoint=job.request.endpoint)
-    click.echo(f"wrote {rows:,} results to {target} ({fmt})")
+    side = "the built-in server's (--local)" if local else job.request.base_url
+    click.echo(f"wrote {rows:,} results of {side} to {target} ({fmt})")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import click
@@ -34,9 +35,9 @@ def report_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def api_key_for(job: JobSpec, *, local: bool) -> str | None:
+def api_key_for(job: JobSpec) -> str | None:
     """The API key from the environment; required unless the endpoint is on this machine."""
-    if local or job.request.api_key_env is None:
+    if job.request.local or job.request.api_key_env is None:
         return None
     key = job.api_key()
     if key:
@@ -51,11 +52,6 @@ def api_key_for(job: JobSpec, *, local: bool) -> str | None:
         f"Export your key (export {variable}=...) or add --local to run against the "
         "built-in server.",
     )
-
-
-LOCAL_IDENTITY = "local://built-in-server"
-"""Request keys of --local runs: stable across the server's ports, and never the same as a
-real provider's, so results made by the built-in server are never taken for real answers."""
 
 
 def tune_gc() -> None:
@@ -83,16 +79,28 @@ def loop_options() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def endpoint(job: JobSpec, *, local: bool) -> Iterator[JobSpec]:
-    """The job, pointed at an embedded local server for the run's duration when ``local``."""
-    if not local:
+def endpoint(job: JobSpec) -> Iterator[JobSpec]:
+    """The job, pointed at an embedded local server for the run's duration when it is the
+    ``--local`` side (:func:`pipeline.job.spec.local_side`). The server serves the models the
+    job names besides its own, so a typo in a model name still gets ``model_not_found``."""
+    if not job.request.local:
         yield job
         return
+    from pipeline.io.openai_batch import job_models
     from pipeline.server.options import ServerOptions
     from pipeline.server.process import LocalServer
 
-    with LocalServer(ServerOptions()) as base_url:
-        yield apply_overrides(job, Overrides(base_url=base_url, identity=LOCAL_IDENTITY))
+    with LocalServer(ServerOptions(served_models=job_models(job))) as base_url:
+        yield apply_overrides(job, Overrides(base_url=base_url))
+
+
+def show_notices(job: JobSpec) -> JobSpec:
+    """Print what loading the job file found that a person should fix (a path found only
+    relative to the current folder), as ``warning:`` lines on stderr; returns the job. Call
+    it after the command line's overrides, which make some notices moot."""
+    for notice in job.notices:
+        click.echo(f"warning: {redact(str(notice), None)}", err=True)
+    return job
 
 
 def load_job_or_batch(
@@ -124,10 +132,10 @@ def load_job_or_batch(
             api_key_env=api_key_env,
             limit=limit,
         )
-    for flag, value in (("--model", model), ("--max-in-flight", max_in_flight)):
-        if value is not None:
-            raise click.UsageError(f"{flag} is for OpenAI batch files; set it in {path}.")
-    return load_job(path)
+    job = load_job(path)
+    if max_in_flight is not None:
+        job = replace(job, limits=replace(job.limits, max_in_flight=max_in_flight))
+    return job
 
 
 def load_to_read(path: str, *, limit: int | None = None) -> JobSpec:

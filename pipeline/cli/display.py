@@ -239,6 +239,11 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
     table = Table(title=f"{status.job}: status", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
+    if status.endpoint == "local":
+        side = "the built-in server (--local runs; the real endpoint's are apart)"
+    else:
+        side = f"{status.endpoint} (--local runs are apart: add --local to see them)"
+    table.add_row("results of", side)
     table.add_row("state folder", status.state_dir)
     table.add_row(
         "rows",

@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli.common import (
-    LOCAL_IDENTITY,
     api_key_for,
     endpoint,
     load_to_read,
     loop_options,
     report_errors,
+    show_notices,
 )
 from pipeline.cli.display import duration as clock
 from pipeline.cli.display import money
@@ -70,9 +70,7 @@ def sample_rows(rows: int, count: int, percent: float | None) -> int:
     return min(count, rows)
 
 
-def _sample(
-    job: JobSpec, *, local: bool, size: tuple[int, float | None], seed: int
-) -> tuple[JobSpec, int]:
+def _sample(job: JobSpec, *, size: tuple[int, float | None], seed: int) -> tuple[JobSpec, int]:
     """Send random rows of ``job``; their results land in the job's journal.
 
     Returns the job as the estimate should see it (pointed where the sample went) and the
@@ -82,8 +80,8 @@ def _sample(
     from pipeline.engine.report import Reporter
     from pipeline.engine.runner import Runner, RunOptions
 
-    api_key = api_key_for(job, local=local)
-    with endpoint(job, local=local) as target:
+    api_key = api_key_for(job)
+    with endpoint(job) as target:
         scan = JobContext(target).scan()
         count = sample_rows(scan.rows, *size)
         rows = random.Random(seed).sample(range(scan.rows), count)
@@ -91,7 +89,7 @@ def _sample(
         runner = Runner(target, api_key=api_key, options=options, reporter=Reporter())
         click.echo(f"sampling {len(rows):,} row(s) of {scan.rows:,} (seed {seed})...", err=True)
         anyio.run(runner.run, scan, backend_options=loop_options())
-    if local:
+    if job.request.local:
         return apply_overrides(target, Overrides(base_url=LOCAL_PRICE_URL)), count
     return target, count
 
@@ -102,6 +100,7 @@ def _sample(
 @click.option("--input", "input_path", help="Read rows from this file, glob or folder.")
 @click.option("--limit", type=click.IntRange(min=1), help="Estimate only the first N rows.")
 @click.option("--base-url", help="As for `run --base-url`.")
+@click.option("--model", help="As for `run --model`: estimate for this model.")
 @click.option(
     "--output",
     "--run-output",
@@ -131,6 +130,7 @@ def estimate(
     input_path: str | None,
     limit: int | None,
     base_url: str | None,
+    model: str | None,
     run_output: str | None,
     sample: tuple[int, float | None] | None,
     seed: int,
@@ -142,15 +142,23 @@ def estimate(
         raise click.UsageError("--local and --base-url cannot be used together.")
     job = apply_overrides(
         load_to_read(job_file, limit=limit),
-        Overrides(input=input_path, output=run_output, base_url=base_url, limit=limit),
+        Overrides(
+            input=input_path,
+            output=run_output,
+            base_url=base_url,
+            limit=limit,
+            model=model,
+            local=local,
+        ),
     )
+    show_notices(job)
     if per_row is not None and per_row.suffix.lower() != ".parquet":
         raise UsageError(f"--rows-to {per_row}: per-row estimates are written as .parquet.")
     sampled = 0
     if sample:
-        job, sampled = _sample(job, local=local, size=sample, seed=seed)
+        job, sampled = _sample(job, size=sample, seed=seed)
     elif local:
-        job = apply_overrides(job, Overrides(base_url=LOCAL_PRICE_URL, identity=LOCAL_IDENTITY))
+        job = apply_overrides(job, Overrides(base_url=LOCAL_PRICE_URL))
     result = estimate_job(job, per_row=per_row, sampled=sampled)
     if as_json:
         data = result.to_dict()

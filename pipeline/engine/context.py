@@ -219,9 +219,13 @@ def request_template(job: JobSpec) -> RequestTemplate:
         params=job.request.params,
         suffix=job.request.suffix,
         completions=job.request.endpoint == "completions",
+        # The schema is told in the prompt unless the answer is a function's arguments (the
+        # tool's schema says it) or the provider enforces it (a strict json_schema format).
         instruction=(
             schema.instruction()
-            if schema is not None and job.output.schema_from_tool is None
+            if schema is not None
+            and job.output.schema_from_tool is None
+            and not job.output.schema_enforced
             else None
         ),
     )
@@ -254,12 +258,23 @@ def check_columns(job: JobSpec, scan: InputScan, template: RequestTemplate) -> N
                 f"{column!r} would clash with the output column of the same name.",
                 "Rename that input column or do not keep it.",
             )
+    # A job file's schema is checked at load (pipeline.job.structured); a JobSpec made in code
+    # is checked here.
     schema = job.output.schema
+    own = ("id", *RESULT_COLUMNS)
     for column in schema.columns if schema is not None else ():
-        if column == "id" or column in RESULT_COLUMNS or column in job.output.keep_columns:
+        if column in own:
             raise JobFileError(
                 job.source,
                 "[output] schema",
-                f"its property {column!r} would clash with the output column of the same name.",
+                f"the property {column!r} is a column the output already has "
+                f"({', '.join(own)}): rename the property.",
+            )
+        if column in job.output.keep_columns:
+            raise JobFileError(
+                job.source,
+                "[output] schema",
+                f"the property {column!r} is also in [output] keep_columns: both would be "
+                "the output column of that name.",
                 "Rename the property, or do not keep that input column.",
             )

@@ -15,6 +15,9 @@ from pipeline.state.runs import RunRecord, Unanswered
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobStatus:
     job: str
+    endpoint: str
+    """Whose results these are: the base URL, or ``local`` for the built-in server's side
+    (``--local``), which is kept apart from the real endpoint's."""
     state_dir: str
     rows: int
     ok: int
@@ -35,6 +38,7 @@ class JobStatus:
         unanswered = self.unanswered
         return {
             "job": self.job,
+            "endpoint": self.endpoint,
             "state_dir": self.state_dir,
             "rows": {
                 "total": self.rows,
@@ -94,6 +98,7 @@ def job_status(context: JobContext, scan: InputScan) -> JobStatus:
     price = context.price
     return JobStatus(
         job=context.job.name,
+        endpoint="local" if context.job.request.local else context.job.request.base_url,
         state_dir=str(state.folder),
         rows=scan.rows,
         ok=ok,

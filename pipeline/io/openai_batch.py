@@ -12,7 +12,9 @@ batches of ``custom_id`` and ``body``, and :class:`BatchPlanner` turns those int
 requests exactly as :class:`pipeline.rows.plan.Planner` does for prompt templates. The custom id is
 the row id, so a row's request key is ``request_key(url, canonical body, custom_id)`` and
 resuming works as for any job. Only the chat-completions and completions endpoints are
-accepted, one per file, and never with ``stream``.
+accepted, one per file, and never with ``stream``. The file is UTF-8, with or without a
+byte-order mark at its start. :func:`batch_file_job` makes the job that runs such a file as
+it is; its output is ``out/<name>.output.parquet`` under the current folder.
 
 **Output.** :mod:`pipeline.io.openai_export` writes a finished job's output as a batch
 *output* file.
@@ -31,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.errors import InputError
-from pipeline.io.sources import json_lines, open_text
+from pipeline.io.sources import json_lines, open_text, resolve_input
 from pipeline.job.spec import (
     DEFAULT_MODEL,
     InputSpec,
@@ -52,6 +54,8 @@ ENDPOINTS = {  # a batch line's url -> the endpoint it means
     "/completions": "completions",
 }
 _ACCEPTED_URLS = ", ".join(ENDPOINTS)
+OUTPUT_FOLDER = "out"
+"""Where a batch file's output goes by default, relative to the current folder."""
 _DIGEST_BYTES = 16
 _SCHEMA = pa.schema([("custom_id", pa.string()), ("body", pa.string())])
 
@@ -380,16 +384,18 @@ def batch_file_job(
 ) -> JobSpec:
     """A job that runs an OpenAI batch input file as it is (``pipeline run batch.jsonl``).
 
-    The endpoint comes from the lines' ``url``; the output goes beside the file
-    (``<name>.output.parquet``) unless ``--output`` says otherwise. Without ``model``, each
+    The endpoint comes from the lines' ``url``; the output goes to ``out/<name>.output.parquet``
+    relative to the current folder, as a job's output goes under ``out/``, so the input's
+    folder gets no new files (``--output`` says otherwise). Without ``model``, each
     line keeps its own model; prices are known when the lines share one priced model. The
     file is checked up to ``limit`` requests (the run's ``--limit``), so the run's own check
     of it reuses this pass.
     """
     found = scan_batch_file(path, limit=limit)
     named = model or (found.models[0] if len(found.models) == 1 else DEFAULT_MODEL)
+    stem = path.name.split(".")[0]
     return JobSpec(
-        name=path.name.split(".")[0],
+        name=stem,
         source=str(path),
         input=InputSpec(path=str(path), id_column="custom_id", format="openai-batch"),
         request=RequestSpec(
@@ -399,5 +405,19 @@ def batch_file_job(
             model_override=model is not None,
         ),
         limits=LimitsSpec() if max_in_flight is None else LimitsSpec(max_in_flight=max_in_flight),
-        output=OutputSpec(path=str(path.with_name(path.name.split(".")[0] + ".output.parquet"))),
+        output=OutputSpec(path=str(Path(OUTPUT_FOLDER, f"{stem}.output.parquet"))),
     )
+
+
+def job_models(job: JobSpec) -> tuple[str, ...]:
+    """The models a job's requests name: ``[request] model``, and for a batch file whose
+    lines keep their own models, each of those (from the pass :func:`scan_batch_file` keeps).
+
+    What the built-in server must serve for a ``--local`` run of the job.
+    """
+    models = [job.request.model]
+    if job.input.format == "openai-batch" and not job.request.model_override:
+        files = resolve_input(job.input.path, job.source)
+        if len(files) == 1:  # else the run's own check of the input says what is wrong
+            models.extend(scan_batch_file(files[0].path, limit=job.input.limit).models)
+    return tuple(dict.fromkeys(models))

@@ -8,6 +8,10 @@ Memory is bounded by the batch size: files are read batch by batch and only the 
 job needs are materialised. :func:`scan_input` is the one full pass made before any request:
 it counts rows, checks that the id column is present, non-null and unique (8 bytes a row),
 and reports malformed JSON lines with their line number.
+
+JSONL files are UTF-8, with or without a byte-order mark at the start. Each column the job
+reads must hold one JSON type in a file (nulls aside); the line whose value breaks that is an
+:class:`InputError` naming the line, the column and both types.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pipeline.errors import InputError, JobFileError
 Format = Literal["parquet", "jsonl"]
 _SUFFIXES: dict[str, Format] = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 DEFAULT_BATCH_ROWS = 2048
+_BOM = "\ufeff"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,7 +77,8 @@ def resolve_input(pattern: str, job_source: str) -> tuple[InputFile, ...]:
             job_source,
             key,
             f"no such file or folder: {pattern!r}.",
-            "Paths are relative to the folder you run pipeline from.",
+            "Paths in a job file are relative to the job file's folder; --input is "
+            "relative to the current folder.",
         )
     files = []
     for candidate in candidates:
@@ -89,10 +95,11 @@ def resolve_input(pattern: str, job_source: str) -> tuple[InputFile, ...]:
 
 
 def open_text(path: Path, *, gzipped: bool) -> IO[str]:
-    """A UTF-8 text file, read through gzip when ``gzipped``."""
+    """A UTF-8 text file, read through gzip when ``gzipped``; a byte-order mark at the start of
+    the file (as Windows tools write) is skipped."""
     if gzipped:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return path.open("r", encoding="utf-8-sig")
 
 
 def _not_json(path: Path, number: int, detail: str) -> InputError:
@@ -116,11 +123,16 @@ def json_lines(
                 try:
                     value = json.loads(line)
                 except (ValueError, RecursionError) as exc:
-                    detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                    raise not_json(path, number, detail) from None
+                    raise not_json(path, number, _json_problem(line, exc)) from None
                 yield number, value
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise InputError(path, f"cannot be read ({exc}).") from None
+
+
+def _json_problem(line: str, exc: ValueError | RecursionError) -> str:
+    if line.startswith(_BOM):
+        return "it starts with a byte-order mark, which only the start of the file may have"
+    return exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
 
 
 def _jsonl_records(file: InputFile) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -311,17 +323,25 @@ def _file_batches(file: InputFile, columns: list[str], batch_rows: int) -> Itera
         except (OSError, pa.ArrowException) as exc:
             raise InputError(file.path, f"cannot be read ({exc}).") from None
         return
+    yield from _jsonl_batches(file, columns, batch_rows)
+
+
+def _jsonl_batches(
+    file: InputFile, columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    kinds: dict[str, str] = {}  # column -> the kind of its first non-null value in the file
     pending: list[dict[str, Any]] = []
-    first_line = 1
+    lines: list[int] = []
     for number, record in _jsonl_records(file):
-        if not pending:
-            first_line = number
-        pending.append({c: record.get(c) for c in columns})
+        row = {c: record.get(c) for c in columns}
+        _check_kinds(file.path, number, row, kinds)
+        pending.append(row)
+        lines.append(number)
         if len(pending) >= batch_rows:
-            yield _jsonl_batch(file, pending, columns, first_line)
-            pending = []
+            yield _jsonl_batch(file, pending, columns, lines)
+            pending, lines = [], []
     if pending:
-        yield _jsonl_batch(file, pending, columns, first_line)
+        yield _jsonl_batch(file, pending, columns, lines)
 
 
 def _with_all_columns(batch: pa.RecordBatch, columns: list[str]) -> pa.RecordBatch:
@@ -333,15 +353,74 @@ def _with_all_columns(batch: pa.RecordBatch, columns: list[str]) -> pa.RecordBat
     return pa.RecordBatch.from_arrays(arrays, names=columns)
 
 
+def _kind(value: Any) -> str | None:
+    """The JSON type of ``value`` as a person names it (None for null)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "an object" if isinstance(value, dict) else "a list"
+
+
+def _check_kinds(path: Path, number: int, row: dict[str, Any], kinds: dict[str, str]) -> None:
+    """Raise naming the column and line when a value's type differs from the column's type
+    on earlier lines (``kinds``, which this updates)."""
+    for column, value in row.items():
+        kind = _kind(value)
+        if kind is None:
+            continue
+        before = kinds.setdefault(column, kind)
+        if kind != before:
+            raise _mixed(path, number, column, f"is {kind} here but {before} on earlier lines")
+
+
+def _mixed(
+    path: Path, number: int, column: str, problem: str, fix: str = "make the column one type."
+) -> InputError:
+    return InputError(path, f"line {number}: column {json.dumps(column)} {problem}; {fix}")
+
+
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
+
+
 def _jsonl_batch(
-    file: InputFile, rows: list[dict[str, Any]], columns: list[str], first_line: int
+    file: InputFile, rows: list[dict[str, Any]], columns: list[str], lines: list[int]
 ) -> pa.RecordBatch:
-    try:
-        arrays = [pa.array([row[c] for row in rows]) for c in columns]
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(
-            file.path,
-            f"a column has values of mixed types in lines {first_line} onward ({exc}). "
-            "Give each field one type across rows.",
-        ) from None
+    arrays = []
+    for column in columns:
+        values = [row[column] for row in rows]
+        try:
+            arrays.append(pa.array(values))
+        except _CONVERSION_ERRORS:
+            raise _unconvertible(file.path, column, values, lines) from None
     return pa.RecordBatch.from_arrays(arrays, names=columns)
+
+
+def _unconvertible(path: Path, column: str, values: list[Any], lines: list[int]) -> InputError:
+    """The error for a column Arrow cannot convert although its values share one JSON type
+    (their contents differ, or a number is too large): it names the first line that fails."""
+
+    def failure(count: int) -> Exception | None:
+        try:
+            pa.array(values[:count])
+        except _CONVERSION_ERRORS as exc:
+            return exc
+        return None
+
+    low, high = 1, len(values)  # the shortest failing prefix, by bisection
+    while low < high:
+        middle = (low + high) // 2
+        if failure(middle) is None:
+            low = middle + 1
+        else:
+            high = middle
+    exc = failure(low)
+    if isinstance(exc, OverflowError) or "too large" in str(exc):
+        fix = "make it smaller, or write the column's values in quotes, as text."
+        return _mixed(path, lines[low - 1], column, "holds a number too large for 64 bits", fix)
+    problem = f"holds values whose contents differ in type from earlier lines ({exc})"
+    return _mixed(path, lines[low - 1], column, problem)

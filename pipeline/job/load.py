@@ -9,22 +9,22 @@ checks shapes and types; the checks that need the input (columns, ids) live in
 from __future__ import annotations
 
 import datetime
-import math
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import JobFileError
-from pipeline.money.pricing import PriceOverride
-from pipeline.rows.templating import placeholders
-
-if TYPE_CHECKING:
-    from pipeline.rows.schema import OutputSchema
-
+from pipeline.job.paths import resolve_paths
+from pipeline.job.request import (
+    body_params,
+    check_endpoint,
+    check_request_keys,
+    check_secrets,
+)
 from pipeline.job.spec import (
     DEFAULT_BASE_URL,
     DEFAULT_MODEL,
@@ -38,22 +38,9 @@ from pipeline.job.spec import (
     OutputSpec,
     RequestSpec,
 )
-
-# Keys of [request] that pipeline itself interprets; every other key is passed through
-# into the request body unchanged.
-_OWN_REQUEST_KEYS = frozenset(
-    {
-        "base_url",
-        "api_key_env",
-        "model",
-        "endpoint",
-        "system",
-        "prompt",
-        "suffix",
-        "messages_column",
-        "order",
-    }
-)
+from pipeline.job.structured import Structured, output_schema
+from pipeline.money.pricing import PriceOverride
+from pipeline.rows.templating import placeholders
 
 
 class _Strict(BaseModel):
@@ -67,6 +54,8 @@ class _Input(_Strict):
 
 
 class _Request(BaseModel):
+    # Extra keys are the request parameters of pipeline.job.params, every other key having
+    # been refused by pipeline.job.request.check_request_keys.
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 
     base_url: str = DEFAULT_BASE_URL
@@ -82,6 +71,7 @@ class _Request(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     thinking: Literal["enabled", "disabled"] | dict[str, Any] | None = None
     reasoning_effort: Literal["high", "max"] | None = None
+    extra_body: dict[str, Any] | None = None
 
 
 class _Limits(_Strict):
@@ -181,8 +171,8 @@ class _Job(_Strict):
 _SECTION_HELP = {
     "input": "path, id_column, format",
     "request": "base_url, api_key_env, model, endpoint, system, prompt, suffix, "
-    "messages_column, order, max_tokens, temperature, thinking, reasoning_effort, and any "
-    "request-body key to pass through (tools, tool_choice, response_format, ...)",
+    "messages_column, order, extra_body, and the OpenAI and DeepSeek request parameters "
+    "(max_tokens, temperature, thinking, tools, response_format, ...)",
     "limits": "max_in_flight, max_attempts, timeout_s, max_retry_wait_s, row_deadline_s, "
     "requests_per_minute, tokens_per_minute",
     "output": "path, keep_columns, state_dir, schema, schema_from_tool, max_reasks",
@@ -315,76 +305,41 @@ def _request_params(source: Path, request: _Request, *, batch: bool) -> dict[str
     """Check the prompt settings; return the body parameters sent with every request."""
     if not batch:
         _check_prompt_keys(source, request)
-    extra = dict(request.model_extra or {})
-    for key, value in extra.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise JobFileError(source, f"[request] {key}", "must be a finite number.")
-    params: dict[str, Any] = {}
+    known: dict[str, Any] = {}
     if request.max_tokens is not None:
-        params["max_tokens"] = request.max_tokens
+        known["max_tokens"] = request.max_tokens
     if request.temperature is not None:
-        params["temperature"] = request.temperature
-    params.update(_thinking_params(source, request))
-    params.update(extra)
-    for own in ("messages", "model", "stream", "suffix"):
-        if own in params:
-            raise JobFileError(
-                source,
-                f"[request] {own}",
-                "is set by pipeline itself and cannot be passed through.",
-                "Use `prompt`/`system`, `messages_column` or `model` instead."
-                if own != "stream"
-                else "Remove it: responses are read whole.",
-            )
-    return params
+        known["temperature"] = request.temperature
+    known.update(_thinking_params(source, request))
+    known.update(request.model_extra or {})
+    check_endpoint(source, request.endpoint, known)
+    return body_params(source, known, request.extra_body)
 
 
-def _output_schema(
-    source: Path, output: _Output, request: _Request, params: dict[str, Any]
-) -> OutputSchema | None:
-    """The job's output schema, if any; adds what the request needs to ask for JSON."""
-    from pipeline.rows.schema import OutputSchema
-
-    if output.schema_ is not None and output.schema_from_tool is not None:
-        raise JobFileError(
-            source, "[output] schema", "give `schema` or `schema_from_tool`, not both."
-        )
-    if output.schema_ is None and output.schema_from_tool is None:
-        return None
-    if request.endpoint != "chat/completions":
-        raise JobFileError(
-            source,
-            "[output] schema",
-            'structured output needs endpoint = "chat/completions".',
-        )
-    name = output.schema_from_tool
-    if name is None:
-        assert output.schema_ is not None
-        schema = OutputSchema.load(output.schema_, source=source, key="[output] schema")
-        # DeepSeek cannot enforce a schema: ask for a JSON object and describe the schema in
-        # the prompt (see pipeline.rows.schema.OutputSchema.instruction).
-        params.setdefault("response_format", {"type": "json_object"})
-        return schema
-    tools = params.get("tools")
-    if not isinstance(tools, list):
-        raise JobFileError(
-            source,
-            "[output] schema_from_tool",
-            "names a function, but [request] has no `tools` list.",
-            'Add tools = [{type = "function", function = {...}}] to [request].',
-        )
-    schema = OutputSchema.from_tool(tools, name, source=source, key="[output] schema_from_tool")
-    params.setdefault("tool_choice", {"type": "function", "function": {"name": name}})
-    return schema
+def _structured(source: Path, job: _Job, params: dict[str, Any]) -> Structured:
+    return output_schema(
+        source,
+        schema=job.output.schema_,
+        schema_from_tool=job.output.schema_from_tool,
+        endpoint=job.request.endpoint,
+        keep_columns=job.output.keep_columns,
+        params=params,
+    )
 
 
 def parse_job(text: str, path: Path | str = "<job>") -> JobSpec:
-    """Validate a job file's text; raise :class:`JobFileError` naming the key on any mistake."""
+    """Validate a job file's text; raise :class:`JobFileError` naming the key on any mistake.
+
+    ``path`` is the job file's: its paths are read relative to its folder (see
+    :mod:`pipeline.job.paths`)."""
     source = Path(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobFileError(source, "", f"is not valid TOML ({exc}).") from exc
+    check_secrets(source, raw)
+    if isinstance(raw.get("request"), dict):
+        check_request_keys(source, raw["request"])
     try:
         job = _Job.model_validate(raw)
     except pydantic.ValidationError as exc:
@@ -397,7 +352,13 @@ def parse_job(text: str, path: Path | str = "<job>") -> JobSpec:
             source, "[input] id_column", "an OpenAI batch file's ids are its custom_id fields."
         )
     params = _request_params(source, request, batch=batch)
-    schema = _output_schema(source, job.output, request, params)
+    structured = _structured(source, job, params)
+    paths = resolve_paths(
+        source,
+        input_path=job.input.path,
+        output_path=job.output.path,
+        state_dir=job.output.state_dir,
+    )
     pricing = None
     if job.pricing is not None:
         pricing = _price_override(source, job.pricing)
@@ -405,7 +366,7 @@ def parse_job(text: str, path: Path | str = "<job>") -> JobSpec:
         name=job.name,
         source=str(source),
         input=InputSpec(
-            path=job.input.path,
+            path=paths.input,
             id_column="custom_id" if batch else job.input.id_column,
             format=job.input.format,
         ),
@@ -424,15 +385,17 @@ def parse_job(text: str, path: Path | str = "<job>") -> JobSpec:
         ),
         limits=LimitsSpec(**job.limits.model_dump()),
         output=OutputSpec(
-            path=job.output.path,
+            path=paths.output,
             keep_columns=tuple(job.output.keep_columns),
-            state_dir=job.output.state_dir,
-            schema=schema,
+            state_dir=paths.state_dir,
+            schema=structured.schema,
+            schema_enforced=structured.enforced,
             schema_from_tool=job.output.schema_from_tool,
             max_reasks=job.output.max_reasks,
         ),
         pricing=pricing,
         budget=BudgetSpec(max_cost_usd=_decimal(job.budget.max_cost_usd)),
+        notices=paths.notices,
     )
 
 

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
 DEFAULT_BASE_URL = "https://llm.wavespeed.ai/v1"
 DEFAULT_MODEL = "deepseek/deepseek-v4-flash"
+LOCAL_IDENTITY = "local://built-in-server"
+"""Request keys of --local runs: stable across the built-in server's ports, and never the
+same as a real provider's, so results made by the built-in server are never taken for real
+answers."""
+LOCAL_STATE = "local"
+"""The folder, inside a job's state folder, that holds its --local runs' state."""
 
 Endpoint = Literal["chat/completions", "completions"]
 Order = Literal["input", "prefix"]
@@ -54,7 +60,8 @@ class RequestSpec:
     order: Order = "input"
     """``"prefix"``: within each input batch, send rows that share a prompt prefix together."""
     params: Mapping[str, Any] = field(default_factory=dict)
-    """Body parameters sent with every request (max_tokens, temperature, passthrough keys)."""
+    """Body parameters sent with every request: the known request parameters the job sets
+    (max_tokens, temperature, ...), then its ``[request.extra_body]`` keys as they are."""
     identity: str | None = None
     """What identifies the endpoint in request keys, if not ``base_url`` (``--local``)."""
     model_override: bool = True
@@ -63,6 +70,11 @@ class RequestSpec:
     @property
     def key_base(self) -> str:
         return self.identity or self.base_url
+
+    @property
+    def local(self) -> bool:
+        """Whether the job runs against the built-in server (``--local``)."""
+        return self.identity == LOCAL_IDENTITY
 
     @property
     def max_tokens(self) -> int | None:
@@ -103,6 +115,9 @@ class OutputSpec:
     """The schema is this function's parameters, and its call's arguments are the answer."""
     max_reasks: int = 2
     """How often an answer that fails the schema is asked again, with the error appended."""
+    schema_enforced: bool = False
+    """The provider enforces :attr:`schema` (a ``json_schema`` response format with
+    ``strict = true``), so it is not repeated in the prompt."""
 
     @property
     def state_path(self) -> Path:
@@ -111,6 +126,20 @@ class OutputSpec:
             return Path(self.state_dir)
         out = Path(self.path)
         return out.with_name(out.name + ".state")
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something a person should know about a job file that loads all the same (a path found
+    only the old way, relative to the current folder). ``str()`` is the whole message, which
+    names the file and the key; print it as ``warning: ...``."""
+
+    key: str
+    """The key it is about (``[input] path``), so that a command-line override can drop it."""
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +159,8 @@ class JobSpec:
     output: OutputSpec
     pricing: PriceOverride | None = None
     budget: BudgetSpec = BudgetSpec()
+    notices: tuple[Notice, ...] = ()
+    """Warnings from loading the job file, to show before anything runs (see :class:`Notice`)."""
 
     def api_key(self) -> str | None:
         """The API key from the environment variable the job names (never stored)."""
@@ -140,32 +171,64 @@ class JobSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Overrides:
-    """Command-line overrides, applied after the file is validated."""
+    """Command-line overrides, applied after the file is validated. Their paths are relative
+    to the current folder (a job file's are relative to the job file's folder)."""
 
     input: str | None = None
     output: str | None = None
     base_url: str | None = None
     limit: int | None = None
-    identity: str | None = None
     max_cost: Decimal | None = None
+    model: str | None = None
+    local: bool = False
+    """The built-in server's side of the job (``--local``): its own request keys, output and
+    state, never summed with the real endpoint's (see :func:`local_side`)."""
+
+
+def local_side(output: OutputSpec, *, renamed: bool) -> OutputSpec:
+    """Where a job's ``--local`` runs keep their results: a state folder of their own inside
+    the job's (``<state>/local``), so that their spend, learned limits and history are never
+    summed with the real endpoint's, and, when ``renamed``, an output of their own
+    (``labels.parquet`` -> ``labels.local.parquet``) that a real run never overwrites."""
+    state = output.state_path / LOCAL_STATE
+    path = output.path
+    if renamed:
+        out = Path(path)
+        path = str(out.with_name(f"{out.stem}.local{out.suffix}"))
+    return replace(output, path=path, state_dir=str(state))
 
 
 def apply_overrides(job: JobSpec, overrides: Overrides) -> JobSpec:
     """The job with the command line's overrides applied."""
     input_spec = job.input
+    moot: set[str] = set()
     if overrides.input is not None:
         input_spec = replace(input_spec, path=overrides.input)
+        moot.add("[input] path")
     if overrides.limit is not None:
         input_spec = replace(input_spec, limit=overrides.limit)
     output_spec = job.output
     if overrides.output is not None:
         output_spec = replace(output_spec, path=overrides.output)
+        moot.add("[output] path")
+    if overrides.local:
+        output_spec = local_side(output_spec, renamed=overrides.output is None)
     request = job.request
     if overrides.base_url is not None:
         request = replace(request, base_url=overrides.base_url.rstrip("/"))
-    if overrides.identity is not None:
-        request = replace(request, identity=overrides.identity)
+    if overrides.model is not None:
+        request = replace(request, model=overrides.model, model_override=True)
+    if overrides.local:
+        request = replace(request, identity=LOCAL_IDENTITY)
     budget = job.budget
     if overrides.max_cost is not None:
         budget = replace(budget, max_cost_usd=overrides.max_cost)
-    return replace(job, input=input_spec, output=output_spec, request=request, budget=budget)
+    notices = tuple(notice for notice in job.notices if notice.key not in moot)
+    return replace(
+        job,
+        input=input_spec,
+        output=output_spec,
+        request=request,
+        budget=budget,
+        notices=notices,
+    )

@@ -332,7 +332,7 @@ def _check_schema(schema: Any, *, source: Path, key: str) -> dict[str, Any]:
 
 
 def _read_schema_file(value: str, *, source: Path, key: str) -> Any:
-    path = source.parent / value
+    path = source.parent / Path(value).expanduser()  # an absolute path stays as it is
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -32,10 +32,14 @@ Endpoints
     Answers a ``text_completion`` object whose choice has ``text``; usage as for chat. Auth,
     limits, faults, latency, the prompt cache and ``/_stats`` are shared with chat.
 ``GET /v1/models`` (also ``/models``)
-    A few model ids: ``deepseek/deepseek-v4-flash``, ``deepseek-v4-flash``, ``gpt-4o-mini``.
+    The models served: ``deepseek/deepseek-v4-flash``, ``deepseek-v4-flash``, ``gpt-4o-mini``
+    and those ``served_models`` adds. A chat or FIM request for any other model gets OpenAI's
+    404: ``{"error": {"message": "The model `X` does not exist or you do not have access to
+    it.", "type": "invalid_request_error", "param": null, "code": "model_not_found"}}``.
 ``GET /_stats``, ``POST /_stats/reset``
     Counters for tests: ``requests_total``; one count per outcome (``ok``, ``429``, ``400``,
-    ``401``, ``500``, ``503``, ``502_html``, ``drop``, ``malformed``, ``timeout``);
+    ``401``, ``500``, ``503``, ``502_html``, ``drop``, ``malformed``, ``timeout``, and ``404``
+    for a model not served);
     ``in_flight`` and ``max_in_flight_seen``; ``distinct_requests`` (distinct request bodies,
     byte for byte), ``max_sends_per_request`` (most times one identical body was received) and
     ``sends_histogram`` (times received -> number of bodies); ``prompt_tokens_total``,
@@ -92,10 +96,10 @@ Profiles
 Order of checks and latency
 ---------------------------
 A chat or FIM request is checked in this order, and the first check that fails answers at once:
-API key (401), the in-flight cap (429), the body (400), ``reject_substring`` and ``fault_400``
-(400), the ``rpm``/``tpm`` buckets (429). A request that passes waits ``latency_ms`` plus a
-uniform draw of up to ``latency_jitter_ms`` and is then answered, or fails with the random
-fault drawn for it.
+API key (401), the in-flight cap (429), the body (400), the model (404 unless served),
+``reject_substring`` and ``fault_400`` (400), the ``rpm``/``tpm`` buckets (429). A request that
+passes waits ``latency_ms`` plus a uniform draw of up to ``latency_jitter_ms`` and is then
+answered, or fails with the random fault drawn for it.
 
 Faults
 ------
@@ -161,9 +165,16 @@ from pipeline.server.bodies import (
     BodyMeta,
     completion_body,
     error_body,
+    model_not_found_body,
     text_completion_body,
 )
-from pipeline.server.faults import ServerOutcome, body_digest, draw_fault, rejection
+from pipeline.server.faults import (
+    MODEL_NOT_FOUND,
+    ServerOutcome,
+    body_digest,
+    draw_fault,
+    rejection,
+)
 from pipeline.server.options import ServerOptions
 from pipeline.server.ratelimit import RateLimiter
 from pipeline.server.requests import (
@@ -181,7 +192,6 @@ from pipeline.server.stats import ServerStats
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
-MODEL_IDS: Final = ("deepseek/deepseek-v4-flash", "deepseek-v4-flash", "gpt-4o-mini")
 FIM_PATHS: Final = ("/v1/completions", "/completions", "/beta/completions", "/v1/beta/completions")
 
 
@@ -227,6 +237,7 @@ class _Completions:
         self.ids = itertools.count(1)
         self.id_prefix = os.urandom(4).hex()
         self.expected_auth = f"Bearer {options.api_key}".encode() if options.api_key else b""
+        self.served = frozenset(options.models)
 
     def authorized(self, scope: Scope) -> bool:
         if not self.expected_auth:
@@ -264,9 +275,9 @@ class _Completions:
 
     async def _serve(
         self, raw: bytes, digest: bytes, parse: Parser, receive: Receive, send: Send
-    ) -> ServerOutcome:
+    ) -> str:
         admitted = await self._check(raw, digest, parse, send)
-        if isinstance(admitted, ServerOutcome):
+        if isinstance(admitted, str):
             return admitted
         options = self.options
         fault = draw_fault(options, self.faults.random())
@@ -298,13 +309,15 @@ class _Completions:
             await respond(send, 200, body, headers=admitted.headers)
         return fault or ServerOutcome.OK
 
-    async def _check(
-        self, raw: bytes, digest: bytes, parse: Parser, send: Send
-    ) -> _Admitted | ServerOutcome:
-        """Validate the body and take the rate limits; answers and returns the outcome if not."""
+    async def _check(self, raw: bytes, digest: bytes, parse: Parser, send: Send) -> _Admitted | str:
+        """Validate the body and the model and take the rate limits; if one fails, answers and
+        returns the outcome (a :class:`ServerOutcome` or :data:`MODEL_NOT_FOUND`)."""
         options = self.options
         try:
             request = parse(raw)
+            if request.model not in self.served:
+                await respond(send, 404, model_not_found_body(request.model))
+                return MODEL_NOT_FOUND
             refused = rejection(request, digest, options)
             if refused is not None:
                 raise refused
@@ -371,7 +384,7 @@ def create_app(
     async def models(request: Request) -> Response:
         if not service.authorized(request.scope):
             return Response(UNAUTHORIZED_BODY, 401, media_type="application/json")
-        data = [{"id": name, "object": "model", "owned_by": "pipeline"} for name in MODEL_IDS]
+        data = [{"id": name, "object": "model", "owned_by": "pipeline"} for name in options.models]
         return JSONResponse({"object": "list", "data": data})
 
     async def stats(request: Request) -> Response:

@@ -30,6 +30,17 @@ CONCURRENCY_BODY: Final = error_body(
 SERVER_ERROR_BODY: Final = error_body(
     "The server had an error while processing your request. Sorry about that!", "server_error"
 )
+
+
+def model_not_found_body(model: str) -> bytes:
+    """OpenAI's 404 answer to a request for a model it does not serve."""
+    return error_body(
+        f"The model `{model}` does not exist or you do not have access to it.",
+        "invalid_request_error",
+        code="model_not_found",
+    )
+
+
 HTML_503: Final = b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>"
 HTML_502: Final = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"

@@ -10,7 +10,11 @@ or SIGTERM. Invalid option values are usage errors (exit code 2).
 Options
 -------
 Every field of :class:`ServerOptions` is the command-line flag ``--field-name``; its help text
-is the field's ``metadata["help"]`` (and ``metadata["choices"]`` for ``profile``).
+is the field's ``metadata["help"]`` (and ``metadata["choices"]`` for ``profile``). A tuple
+field (``served_models``) is one comma-separated value: ``--served-models a,b``; an empty
+value adds nothing. The known models (``deepseek/deepseek-v4-flash``, ``deepseek-v4-flash``,
+``gpt-4o-mini``) are always served; a request for any other model gets OpenAI's 404
+``model_not_found``.
 
 =========================  ============  =======================================================
 option                     default       meaning
@@ -39,6 +43,7 @@ option                     default       meaning
 ``fault_400``              0             fraction of distinct bodies that always get 400
 ``reject_substring``       (empty)       400 for every request whose messages contain it
 ``prefix_cache_entries``   100000        prompt-prefix fingerprints the cache remembers
+``served_models``          (empty)       models served besides the known ones (comma-separated)
 ``invalid_json_rate``      0.05          fraction of schema answers that break the schema
 =========================  ============  =======================================================
 
@@ -80,21 +85,32 @@ def serve_command(host: str, port: int, **fields: Any) -> None:
     serve(options, host=host, port=port, on_ready=ready)
 
 
+def _comma_separated(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """A tuple option's one comma-separated word (``a,b``) as a tuple; blank parts dropped."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
 def _option_flags() -> list[click.Option]:
     """One ``--field-name`` option per field of :class:`ServerOptions`, in field order."""
     flags: list[click.Option] = []
     for field in dataclasses.fields(ServerOptions):
-        default = field.default
+        default: Any = field.default
         flag = "--" + field.name.replace("_", "-")
         if isinstance(default, bool):
             flag = f"{flag}/--no-{field.name.replace('_', '-')}"
         choices = field.metadata.get("choices")
         kind: Any = click.Choice(list(choices)) if choices else type(default)
+        listed = isinstance(default, tuple)  # one comma-separated word on the command line
+        if listed:
+            default = ",".join(default)
         option = click.Option(
             [flag, field.name],
             default=default,
-            show_default=field.name != "api_key",  # the key may come from the environment
-            type=kind,
+            # the key may come from the environment; an empty list is said in the help
+            show_default=field.name != "api_key" and not listed,
+            type=str if listed else kind,
+            metavar="NAME,..." if listed else None,
+            callback=_comma_separated if listed else None,
             help=field.metadata.get("help"),
             envvar=API_KEY_ENV if field.name == "api_key" else None,
         )

@@ -35,6 +35,10 @@ class ServerOutcome(StrEnum):
     TIMEOUT = "timeout"
 
 
+MODEL_NOT_FOUND: Final = "404"
+"""The ``/_stats`` key of requests for a model the server does not serve (404
+``model_not_found``), counted beside the :class:`ServerOutcome` keys."""
+
 RANDOM_FAULTS: Final[Mapping[str, ServerOutcome]] = {
     "fault_500": ServerOutcome.SERVER_ERROR,
     "fault_503": ServerOutcome.UNAVAILABLE,

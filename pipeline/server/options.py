@@ -16,6 +16,8 @@ RANDOM_FAULT_NAMES: Final = (
     "fault_timeout",
 )
 """The faults a request draws at random, by their option names."""
+MODEL_IDS: Final = ("deepseek/deepseek-v4-flash", "deepseek-v4-flash", "gpt-4o-mini")
+"""The models the server always serves (``served_models`` adds more)."""
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -92,6 +94,13 @@ class ServerOptions:
     prefix_cache_entries: int = field(
         default=100_000, metadata=_help("Prompt-prefix fingerprints the cache remembers.")
     )
+    served_models: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            f"Models served besides {', '.join(MODEL_IDS)} (comma-separated); a request for "
+            "any other model gets 404 model_not_found."
+        ),
+    )
     invalid_json_rate: float = field(
         default=0.05,
         metadata=_help(
@@ -100,7 +109,19 @@ class ServerOptions:
         ),
     )
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models served: the known ones (:data:`MODEL_IDS`), then ``served_models``."""
+        return tuple(dict.fromkeys((*MODEL_IDS, *self.served_models)))
+
     def __post_init__(self) -> None:
+        served = self.served_models
+        if isinstance(served, str) or not all(isinstance(name, str) for name in served):
+            raise ValueError(f"served_models must be a sequence of model names, got {served!r}")
+        for name in served:
+            if not name.strip() or "," in name:
+                raise ValueError(f"served_models: {name!r} is not a model name")
+        object.__setattr__(self, "served_models", tuple(served))  # a list becomes a tuple
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         for name in (

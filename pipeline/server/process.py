@@ -40,7 +40,8 @@ _PACKAGE_ROOT: Final = str(Path(__file__).resolve().parent.parent)
 
 
 def server_argv(options: ServerOptions) -> list[str]:
-    """The ``--field-name=value`` flags for every option that differs from its default.
+    """The ``--field-name=value`` flags for every option that differs from its default (a
+    tuple as one comma-separated value).
 
     ``api_key`` is left out on purpose: pass it in ``PIPELINE_SERVER_API_KEY``.
     """
@@ -52,6 +53,8 @@ def server_argv(options: ServerOptions) -> list[str]:
         flag = "--" + option.name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, tuple):
+            argv.append(f"{flag}={','.join(value)}")  # names hold no comma (checked)
         else:
             argv.append(f"{flag}={value}")  # one word, so a value may start with "-"
     return argv

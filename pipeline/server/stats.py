@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from pipeline.server.faults import ServerOutcome
+from pipeline.server.faults import MODEL_NOT_FOUND, ServerOutcome
 
 if TYPE_CHECKING:
     from pipeline.server.simulate import SimulatedReply
@@ -67,6 +67,7 @@ class ServerStats:
         return {
             "requests_total": self.requests_total,
             **{outcome.value: self.outcomes[outcome.value] for outcome in ServerOutcome},
+            MODEL_NOT_FOUND: self.outcomes[MODEL_NOT_FOUND],
             "in_flight": self.in_flight,
             "max_in_flight_seen": self.max_in_flight_seen,
             "distinct_requests": len(self.sends),
