@@ -1,20 +1,25 @@
 """pipeline: batch-processing engine for large offline LLM workloads.
 
-The public API; everything else is internal and may change. Run a job::
+The public API; everything else is internal and may change. Run a job and get its output as
+a polars DataFrame, one row per input row (in a script, or in a notebook's running loop)::
 
     from pipeline import run_job
 
-    report = run_job("jobs/label_reviews.toml")  # the API key from the job's api_key_env
-    print(report.final.ok, report.final.cost_usd)
+    out = run_job("jobs/label_reviews.toml")  # the API key from the job's api_key_env
+    out = run_job({"name": "labels", "request": {"prompt": "Label: {text}"}},
+                  rows=df, local=True)        # a dict job, rows from a DataFrame
+    out = await arun_job(job, rows=df)        # in async code, on the caller's loop
 
-See where a job stands, without sending anything::
+Estimate it without sending anything: ``estimate_job(job, rows=df)`` returns an
+:class:`Estimate`. The run's figures instead of its output: ``run_job_report(...)`` returns a
+:class:`RunReport`. See where a job stands::
 
     from pipeline import JobContext, job_status, load_job
 
     context = JobContext(load_job("jobs/label_reviews.toml"))
     status = job_status(context, context.scan())
 
-Inside a running event loop, drive a :class:`Runner` yourself::
+For full control in async code, drive a :class:`Runner` yourself::
 
     runner = Runner(load_job("jobs/label_reviews.toml"), api_key=None)
     report = await runner.run(runner.prepare())
@@ -25,9 +30,11 @@ Test helpers (a fake clock, a scripted provider, the built-in server) are in
 
 from __future__ import annotations
 
+from pipeline.api.estimate import estimate_job
+from pipeline.api.run import OverBudgetError, arun_job, run_job, run_job_report
 from pipeline.engine.context import JobContext
 from pipeline.engine.report import Reporter, RunReport
-from pipeline.engine.runner import Runner, RunOptions, run_job
+from pipeline.engine.runner import Runner, RunOptions
 from pipeline.engine.status import JobStatus, job_status
 from pipeline.errors import (
     AuthError,
@@ -38,7 +45,8 @@ from pipeline.errors import (
     StateError,
     UsageError,
 )
-from pipeline.job.load import load_job, parse_job
+from pipeline.estimate.figures import Estimate
+from pipeline.job.load import job_from_dict, load_job, parse_job
 from pipeline.job.spec import JobSpec, Overrides, apply_overrides
 from pipeline.money.pricing import Price, Usage, cost, resolve_price
 
@@ -46,11 +54,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthError",
+    "Estimate",
     "InputError",
     "JobContext",
     "JobFileError",
     "JobSpec",
     "JobStatus",
+    "OverBudgetError",
     "Overrides",
     "PipelineError",
     "Price",
@@ -64,10 +74,14 @@ __all__ = [
     "UsageError",
     "__version__",
     "apply_overrides",
+    "arun_job",
     "cost",
+    "estimate_job",
+    "job_from_dict",
     "job_status",
     "load_job",
     "parse_job",
     "resolve_price",
     "run_job",
+    "run_job_report",
 ]

@@ -517,7 +517,7 @@ def test_a_batch_file_starting_with_a_byte_order_mark_is_read(tmp_path: Path, gz
 def test_a_batch_files_output_goes_under_out_in_the_current_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_server: Callable[..., str]
 ) -> None:
-    from pipeline.engine.runner import run_job
+    from pipeline import run_job_report
     from pipeline.io.openai_batch import batch_file_job, job_models
     from pipeline.job.spec import Overrides, apply_overrides
 
@@ -530,7 +530,7 @@ def test_a_batch_files_output_goes_under_out_in_the_current_folder(
     job = batch_file_job(path, model=None, max_in_flight=None, api_key_env=None)
     assert Path(job.output.path) == Path("out", "requests.output.parquet")
     base_url = local_server(latency_ms=1, served_models=job_models(job))
-    report = run_job(apply_overrides(job, Overrides(base_url=base_url)))
+    report = run_job_report(apply_overrides(job, Overrides(base_url=base_url)))
     assert report.final.ok == 2
     assert pq.read_table(here / "out" / "requests.output.parquet").column("id").to_pylist() == [
         "a",

@@ -130,7 +130,10 @@ CASES: dict[str, tuple[Case, str]] = {
         ],
         "[budget] max_cost_usd",
     ),
-    "output s3": (lambda f: ["run", f.job(), "--output", "s3://bucket/x.parquet"], "s3://"),
+    "output on the hub": (
+        lambda f: ["run", f.job(), "--output", "hf://datasets/u/r/x.parquet"],
+        "hf:// is read only",
+    ),
     "output is a folder": (lambda f: ["run", f.job(), "--output", str(f.path)], "is a folder"),
     "state_dir is a file": (
         lambda f: ["run", f.job(output=f'state_dir = "{f.write("state", "x")}"')],

@@ -29,7 +29,7 @@ from pipeline.job.spec import Overrides, apply_overrides
 from pipeline.money.pricing import Usage
 from pipeline.results import RowResult
 from pipeline.rows.prefix import BLOCK_TOKENS
-from pipeline.rows.tokens import count_prompt_tokens
+from pipeline.rows.tokens import DEEPSEEK_COUNT, count_prompt_tokens
 from pipeline.server.process import StatsClient
 from pipeline.state.runs import StateFolder
 
@@ -118,17 +118,18 @@ def test_tokenize_bodies_agrees_with_count_prompt_tokens() -> None:
             ],
         },
     ]
-    counts, prefixes, exact = tokenize_bodies(bodies)
+    counts, prefixes, counting = tokenize_bodies(bodies)
     assert counts == count_prompt_tokens(bodies)
-    assert exact
+    assert counting.exact
+    assert counting.methods == {DEEPSEEK_COUNT}
     assert prefixes[1] is not None
     assert counts[1] > BLOCK_TOKENS
     assert len(prefixes[1]) == counts[1] // BLOCK_TOKENS
     assert prefixes[0] == ()
-    other = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 40}]}]
-    counts, prefixes, exact = tokenize_bodies(other)
+    other = [{"model": "meta-llama/Llama-3.1-8B", "messages": [{"role": "user", "content": "x"}]}]
+    counts, prefixes, counting = tokenize_bodies(other)
     assert counts == count_prompt_tokens(other)
-    assert not exact
+    assert not counting.exact
     assert prefixes == [None]
 
 
@@ -141,9 +142,9 @@ def test_tokenize_bodies_in_several_tokenizer_chunks(monkeypatch: pytest.MonkeyP
         }
         for i in range(10)
     ]
-    counts, prefixes, exact = tokenize_bodies(bodies)
+    counts, prefixes, counting = tokenize_bodies(bodies)
     assert counts == count_prompt_tokens(bodies)
-    assert exact
+    assert counting.exact
     assert [len(p or ()) for p in prefixes] == [c // BLOCK_TOKENS for c in counts]
 
 

@@ -81,15 +81,21 @@ def test_budget_without_price_or_max_tokens_is_one_line_before_sending(tmp_path:
 @pytest.mark.parametrize(
     ("output", "words"),
     [
-        ("s3://bucket/out.parquet", "is a s3:// URL"),
-        ("gs://bucket/out.parquet", "is a gs:// URL"),
+        ("s3://bucket/out.parquet", "no S3 credentials were found"),
+        ("hf://datasets/u/r/out.parquet", "hf:// is read only here"),
         ("{tmp}/a-folder", "is a folder; the output is one Parquet file"),
         ("{tmp}/a-file/out.parquet", "is a file"),
     ],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_sending(
-    tmp_path: Path, output: str, words: str
+    tmp_path: Path, output: str, words: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # No AWS credentials anywhere (the object-storage checks are in test_object_storage.py).
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "a-file").write_text("x")
     job = apply_overrides(_job(tmp_path), Overrides(output=output.format(tmp=tmp_path)))

@@ -53,6 +53,7 @@ def test_nothing_stray_is_tracked_at_the_root() -> None:
         "bench",
         "data",
         "dev",
+        "docs",
         "jobs",
         "pipeline",
         "pyproject.toml",

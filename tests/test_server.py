@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_simulate import answer_conforms
 
-from pipeline.engine.runner import run_job
+from pipeline import run_job_report
 from pipeline.errors import ProviderError
 from pipeline.rows import tokens
 from pipeline.server.command import serve_command
@@ -1078,7 +1078,7 @@ path = "out.parquet"
 """
     )
     server.reset_stats()
-    report = run_job(job)
+    report = run_job_report(job)
     assert (report.final.ok, report.final.failed) == (0, 3)
     assert server.stats()["404"] == server.stats()["requests_total"] == 3  # no retries
     out = pq.read_table(tmp_path / "out.parquet").to_pylist()

@@ -1,4 +1,5 @@
-"""pipeline.testing, the helpers shipped for users' tests, and run_job, the one-call API."""
+"""pipeline.testing, the helpers shipped for users' tests, and run_job_report, the one-call API
+that returns a run's report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import RunOptions, run_job
+from pipeline import RunOptions, run_job_report
 from pipeline.engine.stats import RunStats
 from pipeline.job.load import parse_job
 from pipeline.job.spec import JobSpec
@@ -70,14 +71,14 @@ def test_a_script_without_fallback_refuses_extra_requests() -> None:
         script(request)
 
 
-def test_run_job_with_a_scripted_provider(tmp_path: Path) -> None:
+def test_run_job_report_with_a_scripted_provider(tmp_path: Path) -> None:
     """A 429 and a 500 come first; the runner retries both and every row ends ok."""
     script = Script(
         error_reply(429, headers={"retry-after": "0"}),
         error_reply(500, "boom"),
         then=echo,
     )
-    report = run_job(
+    report = run_job_report(
         _job(tmp_path),
         api_key="sk-test",
         options=RunOptions(batch_rows=4),
@@ -93,12 +94,12 @@ def test_run_job_with_a_scripted_provider(tmp_path: Path) -> None:
     assert output["response"].to_list() == [f"re: t{i}" for i in range(6)]
 
 
-def test_run_job_reads_a_job_file_and_runs_against_the_local_server(tmp_path: Path) -> None:
+def test_run_job_report_reads_a_job_file_and_runs_against_the_local_server(tmp_path: Path) -> None:
     _job(tmp_path)  # writes the input
     with local_server(latency_ms=1) as base_url:
         job_file = tmp_path / "helpers.toml"
         job_file.write_text(_toml(tmp_path, base_url))
-        report = run_job(job_file)
+        report = run_job_report(job_file)
         assert server_stats(base_url)["requests_total"] == 6
     assert report.final.ok == 6
     assert report.output_rows == 6

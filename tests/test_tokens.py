@@ -103,11 +103,15 @@ def test_batch_counts_equal_the_layout_of_each_body(body: dict[str, Any]) -> Non
     assert tokens.count_prompt_tokens([body]) == [expected]
 
 
+HEURISTIC_MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # no tokenizer shipped for it
+
+
 def test_heuristic_counts_tools_and_completions() -> None:
-    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "12345678"}]}
+    assert tokens.count_method(HEURISTIC_MODEL) == tokens.HEURISTIC_COUNT
+    chat = {"model": HEURISTIC_MODEL, "messages": [{"role": "user", "content": "12345678"}]}
     assert tokens.count_prompt_tokens([chat]) == [2 + 4]
     with_tools = {**chat, "tools": TOOLS}
     tools_bytes = len(tokens.tools_text(TOOLS).encode())
     assert tokens.count_prompt_tokens([with_tools]) == [6 + (tools_bytes + 3) // 4]
-    fim = {"model": "gpt-4o-mini", "prompt": "1234", "suffix": "5678"}
+    fim = {"model": HEURISTIC_MODEL, "prompt": "1234", "suffix": "5678"}
     assert tokens.count_prompt_tokens([fim]) == [2 + 4]

@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING
 import anyio
 import click
 
+from pipeline.api.endpoint import api_key_for, endpoint, loop_options
 from pipeline.cli.common import (
-    api_key_for,
-    endpoint,
+    PRICE_HELP,
     load_job_or_batch,
     load_to_read,
-    loop_options,
+    price_option,
     report_errors,
     show_notices,
     tune_gc,
+    with_price,
 )
 from pipeline.errors import (
     EXIT_INTERRUPTED,
@@ -38,10 +39,11 @@ if TYPE_CHECKING:
 
 
 class _Cli(click.Group):
-    """Loads ``serve`` and ``estimate`` lazily so ``pipeline run`` does not import them."""
+    """Loads ``serve``, ``estimate``, ``report`` and ``prices`` lazily so ``pipeline run``
+    does not import them."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "serve", "estimate"])
+        return sorted([*super().list_commands(ctx), "serve", "estimate", "report", "prices"])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "serve":
@@ -52,6 +54,14 @@ class _Cli(click.Group):
             from pipeline.cli.estimate import estimate
 
             return estimate
+        if name == "report":
+            from pipeline.cli.report import report
+
+            return report
+        if name == "prices":
+            from pipeline.cli.prices import prices
+
+            return prices
         return super().get_command(ctx, name)
 
 
@@ -75,6 +85,7 @@ def cli() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Stop before the job's spend (all runs) could pass this many USD (exit code 4).",
 )
+@click.option("--price", "price_text", metavar="input=USD,output=USD", help=PRICE_HELP)
 @click.option(
     "--model",
     help="Send every request to this model (its results are kept apart from other models').",
@@ -82,7 +93,7 @@ def cli() -> None:
 @click.option(
     "--max-in-flight",
     type=click.IntRange(min=1),
-    help="OpenAI batch file: requests in flight at most (default 64).",
+    help="Requests in flight at most (default: [limits] max_in_flight, or 64).",
 )
 @click.option(
     "--api-key-env",
@@ -109,6 +120,7 @@ def run(
     fresh: bool,
     retry_failed: bool,
     max_cost: float | None,
+    price_text: str | None,
     model: str | None,
     max_in_flight: int | None,
     api_key_env: str,
@@ -121,7 +133,7 @@ def run(
     JOB_FILE is a job file (.toml), or an OpenAI Batch API input file (.jsonl) to run as it
     is: give --base-url (or --local) and optionally --output, --model, --max-in-flight.
     """
-    from pipeline.cli.display import LiveReporter
+    from pipeline.cli.display import LiveReporter, report_hint
     from pipeline.engine.report import Reporter
     from pipeline.engine.runner import Runner, RunOptions
 
@@ -136,6 +148,7 @@ def run(
         model=model,
         local=local,
     )
+    price = price_option(price_text)
     job = apply_overrides(
         load_job_or_batch(
             job_file,
@@ -148,6 +161,7 @@ def run(
         ),
         overrides,
     )
+    job = with_price(job, price)
     show_notices(job)
     api_key = api_key_for(job)
     if verbose and quiet:
@@ -176,6 +190,8 @@ def run(
             sys.exit(EXIT_INTERRUPTED)
         finally:
             reporter.close()
+    if not quiet:
+        click.echo(report_hint(job_file, local=local, output=output_path), err=True)
     if report.interrupted:
         click.echo(
             f"interrupted: finished rows are saved in {target.output.state_path}. "
@@ -284,13 +300,13 @@ def export(
     job_file: str, *, fmt: str, output_path: str | None, local: bool, dest: str | None
 ) -> None:
     """Write JOB_FILE's results in another tool's format (nothing is sent)."""
-    from pipeline.io.openai_export import export_openai_batch
+    from pipeline.io.openai_export import export_openai_batch, export_path, output_exists
 
     job = show_notices(
         apply_overrides(load_to_read(job_file), Overrides(output=output_path, local=local))
     )
-    source = Path(job.output.path)
-    if not source.is_file():
+    source = job.output.path
+    if not output_exists(source):
         raise JobFileError(
             job.source,
             "[output] path",
@@ -298,7 +314,7 @@ def export(
             "Run the job first (or pass --output if the run used it"
             f"{'' if local else ', or --local if it ran against the built-in server'}).",
         )
-    target = Path(dest) if dest else source.with_name(f"{source.stem}.{fmt}.jsonl")
+    target = dest or export_path(source, fmt)
     rows = export_openai_batch(source, target, endpoint=job.request.endpoint)
     side = "the built-in server's (--local)" if local else job.request.base_url
     click.echo(f"wrote {rows:,} results of {side} to {target} ({fmt})")

@@ -1,21 +1,21 @@
-"""What the commands share: loading a job or batch file, the API key, the embedded local
-server, the event loop's options and the one-line error report."""
+"""What the commands share: loading a job or batch file, ``--price`` and the one-line error
+report. The API key, the embedded local server and the event loop's options are in
+:mod:`pipeline.api.endpoint`, shared with the Python API."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import JobFileError, PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.job.load import load_job
-from pipeline.job.spec import JobSpec, Overrides, apply_overrides
-from pipeline.money.pricing import provider_of
+from pipeline.job.spec import JobSpec
+from pipeline.money.pricing import PriceOverride, parse_price
 from pipeline.provider.redact import redact
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,23 +35,27 @@ def report_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def api_key_for(job: JobSpec) -> str | None:
-    """The API key from the environment; required unless the endpoint is on this machine."""
-    if job.request.local or job.request.api_key_env is None:
+PRICE_HELP = (
+    "USD per million tokens, like input=0.15,output=0.60[,cached_input=0.075]: overrides "
+    "the job's [pricing] and the price tables (a bare batch file can then have --max-cost)."
+)
+
+
+def price_option(text: str | None) -> PriceOverride | None:
+    """``--price``'s value, parsed; a mistake is one line (exit code 2)."""
+    if text is None:
         return None
-    key = job.api_key()
-    if key:
-        return key
-    if provider_of(job.request.base_url) == "local":
-        return None
-    variable = job.request.api_key_env
-    raise JobFileError(
-        job.source,
-        "[request] api_key_env",
-        f"the environment variable {variable} is not set.",
-        f"Export your key (export {variable}=...) or add --local to run against the "
-        "built-in server.",
-    )
+    try:
+        return parse_price(text)
+    except ValueError as exc:
+        raise UsageError(f"--price {text!r}: {exc}.") from None
+
+
+def with_price(job: JobSpec, price: PriceOverride | None) -> JobSpec:
+    """The job with ``--price`` on top of its ``[pricing]``."""
+    if price is None:
+        return job
+    return replace(job, pricing=price.over(job.pricing))
 
 
 def tune_gc() -> None:
@@ -67,31 +71,6 @@ def tune_gc() -> None:
 
     gc.freeze()
     gc.set_threshold(10_000, 20, 10)
-
-
-def loop_options() -> dict[str, Any]:
-    """uvloop when it is installed (Linux, macOS): it halves the event loop's cost per request."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
-
-
-@contextlib.contextmanager
-def endpoint(job: JobSpec) -> Iterator[JobSpec]:
-    """The job, pointed at an embedded local server for the run's duration when it is the
-    ``--local`` side (:func:`pipeline.job.spec.local_side`). The server serves the models the
-    job names besides its own, so a typo in a model name still gets ``model_not_found``."""
-    if not job.request.local:
-        yield job
-        return
-    from pipeline.io.openai_batch import job_models
-    from pipeline.server.options import ServerOptions
-    from pipeline.server.process import LocalServer
-
-    with LocalServer(ServerOptions(served_models=job_models(job))) as base_url:
-        yield apply_overrides(job, Overrides(base_url=base_url))
 
 
 def show_notices(job: JobSpec) -> JobSpec:

@@ -223,8 +223,21 @@ def print_summary(console: Console, report: RunReport) -> None:
         table.add_row("pending", f"{pending:,} rows: {how}")
     else:
         table.add_row("output", str(report.output))
-    table.add_row("run summary", f"{summary_path(report.output)} (tokens and dollars by kind)")
+    where = summary_path(report.output, report.state_dir)
+    table.add_row("run summary", f"{where} (tokens and dollars by kind)")
     console.print(table)
+
+
+def report_hint(job_file: str, *, local: bool, output: str | None) -> str:
+    """The line after a run's summary that names the command making its report."""
+    import shlex
+
+    words = ["pipeline", "report", shlex.quote(job_file)]
+    if local:
+        words.append("--local")
+    if output is not None:
+        words += ["--output", shlex.quote(output)]
+    return f"report: {' '.join(words)}"
 
 
 def _when(timestamp: float | None) -> str:

@@ -19,27 +19,24 @@ from pathlib import Path
 import anyio
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from pipeline.api.endpoint import LOCAL_PRICE_URL, api_key_for, endpoint, loop_options
 from pipeline.cli.common import (
-    api_key_for,
-    endpoint,
+    PRICE_HELP,
     load_to_read,
-    loop_options,
+    price_option,
     report_errors,
     show_notices,
+    with_price,
 )
 from pipeline.cli.display import duration as clock
 from pipeline.cli.display import money
 from pipeline.errors import UsageError
 from pipeline.estimate.figures import CostFigures, Estimate
-from pipeline.estimate.scan import estimate_job
+from pipeline.estimate.scan import compute_estimate
 from pipeline.job.spec import JobSpec, Overrides, apply_overrides
-
-LOCAL_PRICE_URL = "http://127.0.0.1/v1"
-"""What --local (without --sample) prices against: on loopback the model id alone picks the
-price, exactly as a --local run's embedded server does."""
-
 
 MIN_SAMPLE_ROWS = 20
 """A percentage sample is never smaller than this (or the whole job, if smaller): one or
@@ -101,6 +98,7 @@ def _sample(job: JobSpec, *, size: tuple[int, float | None], seed: int) -> tuple
 @click.option("--limit", type=click.IntRange(min=1), help="Estimate only the first N rows.")
 @click.option("--base-url", help="As for `run --base-url`.")
 @click.option("--model", help="As for `run --model`: estimate for this model.")
+@click.option("--price", "price_text", metavar="input=USD,output=USD", help=PRICE_HELP)
 @click.option(
     "--output",
     "--run-output",
@@ -131,6 +129,7 @@ def estimate(
     limit: int | None,
     base_url: str | None,
     model: str | None,
+    price_text: str | None,
     run_output: str | None,
     sample: tuple[int, float | None] | None,
     seed: int,
@@ -140,6 +139,7 @@ def estimate(
     """Estimate JOB_FILE's tokens, cost and duration; sends nothing (except --sample)."""
     if local and base_url:
         raise click.UsageError("--local and --base-url cannot be used together.")
+    price = price_option(price_text)
     job = apply_overrides(
         load_to_read(job_file, limit=limit),
         Overrides(
@@ -151,6 +151,7 @@ def estimate(
             local=local,
         ),
     )
+    job = with_price(job, price)
     show_notices(job)
     if per_row is not None and per_row.suffix.lower() != ".parquet":
         raise UsageError(f"--rows-to {per_row}: per-row estimates are written as .parquet.")
@@ -159,7 +160,7 @@ def estimate(
         job, sampled = _sample(job, size=sample, seed=seed)
     elif local:
         job = apply_overrides(job, Overrides(base_url=LOCAL_PRICE_URL))
-    result = estimate_job(job, per_row=per_row, sampled=sampled)
+    result = compute_estimate(job, per_row=per_row, sampled=sampled)
     if as_json:
         data = result.to_dict()
         data["per_row_output"] = None if per_row is None else str(per_row)
@@ -199,7 +200,7 @@ def _row_lines(e: Estimate, *, local: bool) -> list[tuple[str, str]]:
         rows += f", {done:,} already done ({e.rows_done_failed:,} failed)"
     if e.rows_unrenderable:
         rows += f", {e.rows_unrenderable:,} cannot be rendered"
-    how = "exact" if e.exact_tokens else "estimate (heuristic)"
+    how = e.token_count if e.exact_tokens else "estimate (heuristic)"
     lines = [
         ("model", f"{e.model} at {where}"),
         ("rows", rows),
@@ -289,7 +290,7 @@ def print_estimate(
     if per_row is not None:
         lines.append(("per-row estimates", str(per_row)))
     for label, value in lines:
-        table.add_row(label, value)
+        table.add_row(label, escape(value))
     console.print(table)
     if e.sampled:
         console.print(f"{e.sampled:,} rows sampled; they will not be sent again.")

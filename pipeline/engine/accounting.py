@@ -5,14 +5,16 @@ case from the budget (waiting while requests in flight hold the room it needs) a
 grant from the limiter (an in-flight slot, and its tokens from a tokens/min budget).
 :meth:`Accounts.settle` closes it: the row is billed what the provider reported, at the price
 in effect when it was sent; the run's figures count it; the budget's reservation is replaced by
-what was spent; and the limiter learns how it went (429, headers, tokens used). Between the
-two, :meth:`Accounts.sent` records the row's intent before its first request goes out, so a
-crash can never lose a request that may be billed, and counts it as unanswered until its
-result is recorded.
+what was spent; the limiter learns how it went (429, headers, tokens used); and the run's
+:class:`~pipeline.state.timeline.Timeline`, when it has one, records when the attempt went out,
+how long it took and how it ended. Between the two, :meth:`Accounts.sent` records the row's
+intent before its first request goes out, so a crash can never lose a request that may be
+billed, and counts it as unanswered until its result is recorded.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -30,6 +32,14 @@ from pipeline.provider.retry import Failure
 from pipeline.rows.plan import PlannedRow
 from pipeline.state.intents import IntentLog
 from pipeline.state.journal import Intent
+from pipeline.state.timeline import (
+    CONNECTION,
+    CUT_OFF,
+    MALFORMED,
+    NEVER_CONNECTED,
+    TIMEOUT,
+    Timeline,
+)
 
 
 class OverBudget(Exception):
@@ -69,6 +79,8 @@ class Ticket:
     tokens: int
     grant: Grant
     price: Price | None
+    at: float = 0.0
+    """When the grant came, on the timeline's clock: the attempt goes out now."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +107,21 @@ class Pricing:
             return None
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.max_output)
         return cost(usage, self.now())
+
+    def worst_cost_of(self, body: bytes, prompt_tokens: int) -> Decimal | None:
+        """What one request can cost at most, its longest answer read from its own body when
+        the job sets none (an OpenAI batch file's lines carry their own ``max_tokens``)."""
+        worst = self.worst_cost(prompt_tokens)
+        if worst is not None or self.price is None:
+            return worst
+        try:
+            params = json.loads(body)
+        except ValueError:
+            return None
+        longest = params.get("max_completion_tokens", params.get("max_tokens"))
+        if not isinstance(longest, int) or isinstance(longest, bool):
+            return None
+        return cost(Usage(prompt_tokens=prompt_tokens, completion_tokens=longest), self.now())
 
     def tokens(self, row: RowProgress) -> int:
         """Tokens a request reserves from a tokens/min budget: its prompt and ``max_tokens``."""
@@ -131,6 +158,7 @@ class Accounts:
         intents: IntentLog,
         control: RunControl,
         run: int,
+        timeline: Timeline | None = None,
     ) -> None:
         self.pricing = pricing
         self.budget = budget
@@ -139,6 +167,7 @@ class Accounts:
         self._intents = intents
         self._control = control
         self._run = run
+        self._timeline = timeline
         self._settled: anyio.Event | None = None
         """Set (and replaced) whenever a reservation settles: budget waiters look again."""
         self.unanswered = 0
@@ -148,7 +177,11 @@ class Accounts:
 
     def intent(self, planned: PlannedRow) -> Intent:
         """What is recorded before a row's first request goes out."""
-        worst = self.pricing.worst_cost(planned.prompt_tokens)
+        worst = (
+            None
+            if planned.body is None or planned.prompt_tokens is None
+            else self.pricing.worst_cost_of(planned.body, planned.prompt_tokens)
+        )
         if worst is not None:
             worst *= self.pricing.attempts_per_row
         return Intent(key=planned.key, row=planned.row, run=self._run, worst_cost_usd=worst)
@@ -165,7 +198,8 @@ class Accounts:
         except BaseException:
             self._settle_budget(worst, Decimal(0))
             raise
-        return Ticket(worst=worst, tokens=tokens, grant=grant, price=price)
+        at = 0.0 if self._timeline is None else self._timeline.now()
+        return Ticket(worst=worst, tokens=tokens, grant=grant, price=price, at=at)
 
     def sent(self, intent: Intent | None) -> None:
         """A request goes out now; ``intent`` is given for a row's first request only, and
@@ -214,6 +248,9 @@ class Accounts:
                 outcome = "rate_limited"
             metered = self.pricing.metered(ticket.tokens, attempt)
         finally:
+            if self._timeline is not None:
+                latency = None if attempt is None else attempt.latency_s
+                self._timeline.attempt(ticket.at, latency, outcome_code(attempt))
             self._settle_budget(ticket.worst, spent)
             self._limiter.release(
                 ticket.grant,
@@ -232,7 +269,7 @@ class Accounts:
         flight hold the room it needs; raise if it cannot fit at all."""
         if self.budget is None:
             return Decimal(0)
-        worst = self.pricing.worst_cost(row.prompt_tokens) or Decimal(0)
+        worst = self.pricing.worst_cost_of(row.body, row.prompt_tokens) or Decimal(0)
         while True:
             decision = self.budget.reserve(worst)
             if decision == "reserved":
@@ -251,3 +288,15 @@ class Accounts:
             if self._settled is not None:
                 self._settled.set()
                 self._settled = None
+
+
+def outcome_code(attempt: Attempt | None) -> str:
+    """How an attempt ended, as the timeline writes it (see :mod:`pipeline.state.timeline`)."""
+    if attempt is None:
+        return CUT_OFF
+    status = attempt.status
+    if status is not None:
+        return MALFORMED if status == 200 and not attempt.ok else str(status)
+    if attempt.failure is Failure.TIMEOUT:
+        return TIMEOUT
+    return CONNECTION if attempt.reached else NEVER_CONNECTED

@@ -170,6 +170,13 @@ class JobContext:
             raise JobFileError(
                 job.source, "[input] path", "an OpenAI batch input is one .jsonl file."
             )
+        if files[0].url is not None:
+            raise JobFileError(
+                job.source,
+                "[input] path",
+                f"an OpenAI batch input is read from a local file, not {files[0].url}.",
+                "Copy it to this machine first.",
+            )
         found = scan_batch_file(files[0].path, limit=job.input.limit)
         if found.endpoint != job.request.endpoint:
             raise JobFileError(

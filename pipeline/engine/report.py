@@ -18,7 +18,8 @@ from pipeline.state.runs import COMPLETED, INTERRUPTED, OVER_BUDGET, Unanswered
 class RunReport:
     job: str
     run: int
-    output: Path
+    output: Path | str
+    """The output file, or its URL in object storage."""
     final: Snapshot
     price_known: bool
     interrupted: bool = False

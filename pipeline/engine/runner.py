@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -51,7 +50,7 @@ from pipeline.engine.summary import run_summary, write_summary
 from pipeline.engine.writer import ResultWriter
 from pipeline.errors import PipelineError, StateError
 from pipeline.io.ordered import MAX_WAITING_ROWS, OrderedOutput
-from pipeline.io.sinks import OutputWriter
+from pipeline.io.sinks import OutputWriter, output_location
 from pipeline.io.sources import InputScan
 from pipeline.job.spec import JobSpec
 from pipeline.money.budget import Budget
@@ -62,6 +61,7 @@ from pipeline.results import RowResult
 from pipeline.rows.plan import PlannedRow
 from pipeline.state.intents import IntentLog
 from pipeline.state.runs import FAILED, Unanswered
+from pipeline.state.timeline import Timeline
 
 if TYPE_CHECKING:
     import httpx
@@ -238,7 +238,9 @@ class Runner:
         sink: OutputWriter | None = None
         output: OrderedOutput | None = None
         if self.options.write_output:
-            sink = OutputWriter(Path(self.job.output.path), self.job.output.schema)
+            sink = OutputWriter(
+                self.job.output.path, self.job.output.schema, staging=self.job.output.state_path
+            )
             if self.options.select_rows is None:
                 output = OrderedOutput(self.options.output_waiting_rows)
         writer = ResultWriter(self.context, stats=stats, sink=sink, output=output)
@@ -256,6 +258,7 @@ class Runner:
         work_send, work_recv = anyio.create_memory_object_stream[PlannedRow](size)
         result_send, result_recv = anyio.create_memory_object_stream[RowResult](size)
         intents = IntentLog(self.context.journal)
+        timeline = Timeline(self.context.state.folder, self._run_id, clock=self._clock)
         self._accounts = accounts = Accounts(
             pricing=self.pricing,
             budget=self.budget,
@@ -264,6 +267,7 @@ class Runner:
             intents=intents,
             control=self.control,
             run=self._run_id,
+            timeline=timeline,
         )
         client = ChatClient(
             self.context.url,
@@ -291,6 +295,7 @@ class Runner:
         try:
             async with client, anyio.create_task_group() as outer:
                 outer.start_soon(self._tick, stats)
+                outer.start_soon(timeline.run, functools.partial(self._sample, stats))
                 if self.options.handle_signals:
                     outer.start_soon(
                         functools.partial(
@@ -328,6 +333,8 @@ class Runner:
             if found is None:
                 raise
             raise found from None
+        finally:
+            timeline.close(self._sample(stats))
         if self.control.fatal is not None:
             raise self.control.fatal
 
@@ -373,6 +380,10 @@ class Runner:
                         else:
                             await work.send(planned)
 
+    def _sample(self, stats: RunStats) -> tuple[int, int]:
+        """The in-flight cap and the requests in flight, for the run's timeline."""
+        return self.limiter.state.cap, stats.in_flight
+
     async def _tick(self, stats: RunStats) -> None:
         while True:
             self.reporter.update(stats.snapshot())
@@ -384,7 +395,7 @@ class Runner:
         return RunReport(
             job=self.job.name,
             run=self._run_id,
-            output=Path(self.job.output.path),
+            output=output_location(self.job.output.path),
             final=stats.snapshot(),
             price_known=self.context.price is not None,
             interrupted=self.control.interrupted,
@@ -394,34 +405,3 @@ class Runner:
             unanswered=unanswered,
             state_dir=self.context.state.folder,
         )
-
-
-def run_job(
-    job: JobSpec | str | Path,
-    *,
-    api_key: str | None = None,
-    options: RunOptions = RunOptions(),
-    reporter: Reporter | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> RunReport:
-    """Run a job to completion (or to a stop) and return its report; blocks until then.
-
-    ``job`` is a :class:`~pipeline.job.spec.JobSpec` or the path of a job file. The API key
-    is ``api_key`` when given, else read from the environment variable the job names
-    (``[request] api_key_env``); it is never written anywhere. ``transport`` replaces the
-    network (an ``httpx.MockTransport``, see :mod:`pipeline.testing`). Raises a
-    :class:`~pipeline.errors.PipelineError` for a bad job or input, before anything is sent.
-    From inside a running event loop, use ``await Runner(...).run(runner.prepare())``.
-    """
-    from pipeline.job.load import load_job
-
-    spec = job if isinstance(job, JobSpec) else load_job(job)
-    runner = Runner(
-        spec,
-        api_key=spec.api_key() if api_key is None else api_key,
-        options=options,
-        reporter=reporter,
-        transport=transport,
-    )
-    scan = runner.prepare()
-    return anyio.run(runner.run, scan)

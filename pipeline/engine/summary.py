@@ -1,5 +1,7 @@
 """A run's summary: rows, tokens and dollars by kind, recorded in the state folder's
-``runs.jsonl`` and written as JSON beside the output (``<output>.summary.json``).
+``runs.jsonl`` and written as JSON beside the output (``<output>.summary.json``). An output in
+object storage has its summary beside its state folder instead, on this machine
+(``.pipeline/state/<job>.summary.json``), as its report has: the run's own records stay local.
 
 Dollars are summed per billed answer from integer token counts at the price in effect when
 the request was sent, and written as decimal strings, never as rounded floats.
@@ -13,14 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StateError
+from pipeline.job.urls import is_url, local_state_folder
 
 if TYPE_CHECKING:
     from pipeline.engine.report import RunReport
     from pipeline.job.spec import JobSpec
 
 
-def summary_path(output: str | Path) -> Path:
-    """``out/x.parquet`` -> ``out/x.summary.json``."""
+def summary_path(output: str | Path, state_dir: Path | None = None) -> Path:
+    """``out/x.parquet`` -> ``out/x.summary.json``; for an output in object storage,
+    ``<state_dir>.summary.json`` beside the state folder (see the module docstring)."""
+    if is_url(str(output)):
+        state = state_dir or local_state_folder("", str(output))
+        return state.with_name(f"{state.name}.summary.json")
     path = Path(output)
     return path.with_name(f"{path.stem}.summary.json")
 
@@ -75,7 +82,7 @@ def write_summary(job: JobSpec, report: RunReport, summary: dict[str, Any]) -> P
         },
         "this_run": summary,
     }
-    path = summary_path(job.output.path)
+    path = summary_path(job.output.path, job.output.state_path)
     tmp = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

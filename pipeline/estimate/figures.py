@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from pipeline.job.models import ModelFacts
-from pipeline.money.pricing import Price, Usage, cost_parts, off_peak_price
+from pipeline.money.pricing import Price, Quote, Usage, cost_parts, off_peak_price
 
 if TYPE_CHECKING:
     from pipeline.job.spec import JobSpec
+    from pipeline.rows.tokens import CountMethod
 
 DEFAULT_LATENCY_S = 2.0
 """Latency assumed for the duration when no result has been observed yet."""
@@ -177,6 +178,10 @@ class Estimate:
     endpoint: str
     exact_tokens: bool
     """Input tokens counted with the model's tokenizer (else the heuristic)."""
+    token_count: str = "exact"
+    """How: ``exact`` (DeepSeek's tokenizer), ``exact (tiktoken o200k_base)``, ``heuristic``."""
+    token_notes: tuple[str, ...] = ()
+    """Why the heuristic, or what is approximate, for people."""
     rows: int
     rows_to_send: int
     rows_done_ok: int
@@ -200,6 +205,9 @@ class Estimate:
     output_tokens_worst: int | None
     output_interval_95: tuple[int, int] | None
     price: Price | None
+    quote: Quote | None = None
+    """Where the price comes from (the job's [pricing], the built-in table, genai-prices)."""
+    longest_prompt: int = 0
     spent_usd: Decimal | None
     """What the rows that already have a result cost (None when unknown)."""
     cost: CostFigures | None
@@ -215,6 +223,18 @@ class Estimate:
         if self.cost is None or self.spent_usd is None:
             return None
         return self.spent_usd + self.cost.expected
+
+    def _source(self) -> dict[str, Any]:
+        quote = self.quote
+        assert quote is not None
+        return {
+            "source": quote.source,
+            "date": None if quote.as_of is None else f"{quote.as_of:%Y-%m-%d}",
+            "date_kind": quote.date_kind,
+            "provider": quote.provider,
+            "model": quote.model,
+            "notes": list(quote.notes),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The estimate for machines; Decimals as strings."""
@@ -241,7 +261,7 @@ class Estimate:
             "job": self.job,
             "model": self.model,
             "endpoint": self.endpoint,
-            "token_count": "exact" if self.exact_tokens else "estimate (heuristic)",
+            "token_count": self.token_count,
             "rows": {
                 "total": self.rows,
                 "to_send": self.rows_to_send,
@@ -255,6 +275,7 @@ class Estimate:
                 "to_send": self.input_tokens_to_send,
                 "billed_expected": self.input_tokens_billed_expected,
                 "cached_prefix": self.cached_prefix_tokens,
+                "count_notes": list(self.token_notes),
             },
             "output_tokens": {
                 "source": self.output_source,
@@ -285,6 +306,7 @@ class Estimate:
                         "discount": str(window.discount),
                     },
                 },
+                "price_source": None if self.quote is None else self._source(),
                 "spent": text(self.spent_usd),
                 "to_send": figures(self.cost),
                 "to_send_off_peak": figures(self.cost_off_peak),
@@ -335,7 +357,10 @@ class Totals:
     worst_known: bool = True
     expected_out_to_send: float = 0.0
     spent: Decimal | None = Decimal(0)
-    exact: bool = True
+    methods: set[CountMethod] = field(default_factory=set)
+    """How the prompts were counted (:func:`pipeline.rows.tokens.count_method`)."""
+    tools_approximate: bool = False
+    longest_prompt: int = 0
     over_context: int = 0
     over_context_ids: list[str] = field(default_factory=list)
     tokens_per_request: int = 0
@@ -345,6 +370,10 @@ class Totals:
     done_billed_prompt: int = 0
     """... and the prompt tokens they were billed: more when answers were asked again (an
     invalid structured answer) or a billed attempt was retried."""
+
+    @property
+    def exact(self) -> bool:
+        return all(method.exact for method in self.methods)
 
     @property
     def input_factor(self) -> float:
@@ -428,6 +457,7 @@ def assemble(
     sampled: int,
     model: RowModel,
     price: Price | None,
+    quote: Quote | None = None,
 ) -> Estimate:
     n = totals.to_send
     # An answer that fails the output schema is asked again, up to max_reasks times.
@@ -464,11 +494,15 @@ def assemble(
         tokens_per_request=totals.tokens_per_request / n if n else 0.0,
         latency_observed=observed,
     )
-    estimate = Estimate(
+    return Estimate(
         job=job.name,
         model=job.request.model,
         endpoint=job.request.base_url,
         exact_tokens=totals.exact,
+        token_count=count_label(totals.methods),
+        token_notes=tuple(count_notes(totals)),
+        quote=quote,
+        longest_prompt=totals.longest_prompt,
         rows=totals.rows,
         rows_to_send=n,
         rows_done_ok=totals.done_ok,
@@ -494,77 +528,29 @@ def assemble(
         over_context_rows=totals.over_context,
         over_context_ids=tuple(totals.over_context_ids),
     )
-    return replace(estimate, warnings=tuple(warnings_for(estimate)))
 
 
-FEW_OBSERVATIONS = 20
-"""Below this many observed answers the expected output length is flagged as uncertain."""
+def count_label(methods: set[CountMethod]) -> str:
+    """One label for the ways prompts were counted: ``heuristic`` if any was, else
+    ``exact`` (DeepSeek), ``exact (tiktoken o200k_base)``, or both named."""
+    if any(not method.exact for method in methods):
+        return "heuristic"
+    labels = sorted({method.label for method in methods})
+    if len(labels) <= 1:
+        return labels[0] if labels else "exact"
+    names = sorted(
+        f"tiktoken {m.encoding}" if m.kind == "tiktoken" else "DeepSeek V4 tokenizer"
+        for m in methods
+    )
+    return f"exact ({', '.join(names)})"
 
 
-def warnings_for(estimate: Estimate) -> list[str]:
-    """One line per thing to look at before money is spent."""
-    lines: list[str] = []
-    e = estimate
-    facts = e.facts
-    if not e.exact_tokens:
-        lines.append(
-            f"input tokens are an estimate (heuristic): {e.model} is not a DeepSeek model, "
-            "so prompts are counted as one token per 4 UTF-8 bytes plus 4 per message."
+def count_notes(totals: Totals) -> list[str]:
+    """What a person should know about how the prompts were counted."""
+    notes = sorted({m.reason for m in totals.methods if m.reason is not None})
+    if totals.tools_approximate:
+        notes.append(
+            "tool definitions and tool calls are counted as the tokens of their JSON; "
+            "OpenAI lays tools out its own way, so those prompts are approximate"
         )
-    if e.max_tokens is None:
-        longest = f"{facts.max_output:,}" if facts is not None else "unknown"
-        lines.append(
-            f"THE JOB SETS NO max_tokens: the worst case assumes the model's longest answer "
-            f"({longest} tokens) for every row. Set [request] max_tokens to bound the cost."
-        )
-    if e.output_source == "model_max_output":
-        lines.append(
-            "no earlier results to learn the output length from: the expected cost assumes the "
-            "model's longest answer for every row. Run with --sample N for a realistic figure."
-        )
-    elif e.output_source == "max_tokens":
-        lines.append(
-            "no earlier results to learn the output length from: expected output is max_tokens "
-            "per row (an upper bound). Run with --sample N for a realistic figure."
-        )
-    elif e.output_source == "unknown":
-        lines.append(
-            f"the output length is unknown: no earlier results, no max_tokens, and {e.model} "
-            "is not in the model table. Set max_tokens or run with --sample N."
-        )
-    if e.over_context_rows:
-        window = facts.context_window if facts is not None else 0
-        shown = ", ".join(e.over_context_ids)
-        more = f" (first {len(e.over_context_ids)})" if e.over_context_rows > SHOWN_IDS else ""
-        lines.append(
-            f"{e.over_context_rows:,} row(s) exceed the model's context window of {window:,} "
-            f"tokens (prompt + max_tokens); the provider will refuse them. Ids{more}: {shown}"
-        )
-    s = e.stats
-    if s is not None and s.count < FEW_OBSERVATIONS and e.rows_to_send > s.count:
-        lines.append(
-            f"the expected output comes from only {s.count} answer(s): it can be far off (the "
-            "95% interval needs two, and means little under about "
-            f"{FEW_OBSERVATIONS}). Sample more rows (--sample N or --sample P%)."
-        )
-    if s is not None and s.length_share > 0:
-        lines.append(
-            f"{s.length_share:.1%} of {s.count:,} observed answers stopped at the token limit "
-            '(finish_reason "length"): they are likely truncated. Raise max_tokens.'
-        )
-    if s is not None and s.at_max_share:
-        lines.append(
-            f"{s.at_max_share:.1%} of {s.count:,} observed answers used at least max_tokens "
-            f"({e.max_tokens:,}) output tokens: rows are likely truncated by max_tokens."
-        )
-    if e.price is None:
-        lines.append(
-            f"no price is known for {e.model} at {e.endpoint}: costs are unknown. Add a "
-            "[pricing] table to the job."
-        )
-    if e.rows_unrenderable:
-        lines.append(
-            f"{e.rows_unrenderable:,} row(s) cannot be rendered into a request; they will "
-            "fail without being sent."
-        )
-    return lines
+    return notes

@@ -10,7 +10,9 @@ DeepSeek V4 tokenizer's parallel ``encode_batch_fast`` (no character offsets),
 :data:`TOKENIZE_BATCH` rows is planned. The total equals the ``prompt_tokens`` the
 built-in server reports when the job runs. Each batch is cross-checked against
 ``count_prompt_tokens`` on a few rows; on any disagreement that function's counts are used.
-Other models get ``count_prompt_tokens``' documented heuristic, labelled as such.
+OpenAI models are counted by ``count_prompt_tokens`` with tiktoken where its encoding is on
+this machine, labelled ``exact (tiktoken o200k_base)``; other models get its documented
+heuristic, labelled as such (:func:`pipeline.rows.tokens.count_method`).
 
 **Cached-prefix tokens** replay the rows, in input order, through
 :class:`pipeline.rows.prefix.PrefixCache` (DeepSeek's 64-token blocks), fed each prompt's chained
@@ -21,7 +23,8 @@ and ``Encoding`` objects are dropped right there.
 ``--sample``): :func:`read_history` reads the most recent :data:`HISTORY_LIMIT` of them.
 Rows that already have a result are not sent again by a run; they count with what they
 really cost. The output-length model, the costs, the 95% interval, the duration and the
-warnings are computed from the scan's totals by :mod:`pipeline.estimate.figures`.
+warnings are computed from the scan's totals by :mod:`pipeline.estimate.figures` and
+:mod:`pipeline.estimate.checks`.
 
 Memory is bounded by the batch size, the tokenizer chunk and the prefix cache's capacity
 (150 to 300 bytes per remembered block: 150 to 300 MB at the default million blocks), never
@@ -47,6 +50,7 @@ import pyarrow.parquet as pq
 
 from pipeline.engine.context import JobContext
 from pipeline.errors import InputError, StateError
+from pipeline.estimate.checks import warnings_for
 from pipeline.estimate.figures import (
     SHOWN_IDS,
     Estimate,
@@ -60,7 +64,7 @@ from pipeline.estimate.figures import (
 from pipeline.io.openai_batch import BatchPlanner
 from pipeline.job.models import model_facts
 from pipeline.job.spec import JobSpec
-from pipeline.money.pricing import cost
+from pipeline.money.pricing import cost, quote_price
 from pipeline.results import RowResult
 from pipeline.rows import tokens
 from pipeline.rows.plan import PlannedRow, Planner
@@ -139,7 +143,22 @@ def _layout(body: Mapping[str, Any]) -> str | None:
 
 Prefixes = list[tuple[int, ...] | None]
 """Per body: the chained fingerprints of its whole prompt blocks (None: not counted exactly)."""
-_Counted = tuple[list[int], Prefixes, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Counting:
+    """How one batch's prompts were counted."""
+
+    methods: frozenset[tokens.CountMethod]
+    tools_approximate: bool = False
+    """Some prompt counted with tiktoken has tool definitions or tool calls (approximate)."""
+
+    @property
+    def exact(self) -> bool:
+        return all(method.exact for method in self.methods)
+
+
+_Counted = tuple[list[int], Prefixes, Counting]
 
 
 def _encode(texts: Sequence[str]) -> Iterator[list[int]]:
@@ -161,10 +180,10 @@ def _encode(texts: Sequence[str]) -> Iterator[list[int]]:
 def tokenize_bodies(bodies: Sequence[Mapping[str, Any]]) -> _Counted:
     """Prompt tokens of ``bodies`` and, where counted exactly, their block fingerprints.
 
-    Returns ``(counts, prefixes, exact)``: ``prefixes[i]`` is
-    :func:`block_fingerprints` of body ``i``'s ids (None when it was not counted exactly);
-    ``exact`` is False when any body was counted with the heuristic. Counts always agree with
-    :func:`pipeline.rows.tokens.count_prompt_tokens`.
+    Returns ``(counts, prefixes, counting)``: ``prefixes[i]`` is
+    :func:`block_fingerprints` of body ``i``'s ids (None when it was not counted with the
+    DeepSeek tokenizer); ``counting`` says how the bodies were counted. Counts always agree
+    with :func:`pipeline.rows.tokens.count_prompt_tokens`.
     """
     counts = [0] * len(bodies)
     prefixes: Prefixes = [None] * len(bodies)
@@ -182,19 +201,23 @@ def tokenize_bodies(bodies: Sequence[Mapping[str, Any]]) -> _Counted:
         for index, found in zip(laid, _encode(texts), strict=True):
             counts[index] = len(found)
             prefixes[index] = block_fingerprints(found)
-    exact = True
+    methods = {tokens.DEEPSEEK_COUNT} if laid else set()
+    approximate = False
     if other:
         chosen = [bodies[i] for i in other]
         for index, count in zip(other, tokens.count_prompt_tokens(chosen), strict=True):
             counts[index] = count
-        exact = all(tokens.is_deepseek_model(str(b.get("model", ""))) for b in chosen)
+        for body in chosen:
+            method = tokens.count_method(str(body.get("model", "")))
+            methods.add(method)
+            approximate = approximate or (method.kind == "tiktoken" and tokens.has_tool_text(body))
     if laid:
         check = laid[:CHECK_ROWS]
         expected = tokens.count_prompt_tokens([bodies[i] for i in check])
         if [counts[i] for i in check] != expected:
             # The layout here and the counting function disagree: trust the function.
             counts = tokens.count_prompt_tokens(bodies)
-    return counts, prefixes, exact
+    return counts, prefixes, Counting(frozenset(methods), approximate)
 
 
 def plan_with_bodies(
@@ -287,7 +310,7 @@ def _trim_native_heap() -> Callable[[], object]:
     return functools.partial(trim, 0)
 
 
-def estimate_job(
+def compute_estimate(
     job: JobSpec,
     *,
     per_row: Path | None = None,
@@ -346,9 +369,18 @@ def estimate_job(
     finally:
         if writer is not None:
             writer.close(keep=ok)
-    return assemble(
-        job, accountant.totals, stats, source=source, sampled=sampled, model=model, price=price
+    quote = quote_price(job.request.base_url, job.request.model, job.pricing)
+    estimate = assemble(
+        job,
+        accountant.totals,
+        stats,
+        source=source,
+        sampled=sampled,
+        model=model,
+        price=price,
+        quote=quote,
     )
+    return replace(estimate, warnings=tuple(warnings_for(estimate)))
 
 
 class _Accountant:
@@ -367,9 +399,10 @@ class _Accountant:
         )
 
     def add(self, item: _Prepared, counted: _Counted, writer: _PerRowWriter | None) -> None:
-        counts, prefixes, exact = counted
+        counts, prefixes, counting = counted
         totals = self.totals
-        totals.exact = totals.exact and exact
+        totals.methods |= counting.methods
+        totals.tools_approximate = totals.tools_approximate or counting.tools_approximate
         n = len(item.planned)
         totals.rows += n
         columns: dict[str, list[Any]] = {
@@ -390,6 +423,7 @@ class _Accountant:
             body_index += 1
             cached = self.cache.lookup_and_add_blocks(blocks) if blocks is not None else 0
             totals.input_tokens += prompt
+            totals.longest_prompt = max(totals.longest_prompt, prompt)
             columns["prompt_tokens"][offset] = prompt
             columns["cached_prefix_tokens"][offset] = cached
             if self.model.over_context(prompt):

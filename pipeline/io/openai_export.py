@@ -23,14 +23,21 @@ provider's own error object is not kept); any other failed row (a timeout, a con
 error, an answer judged invalid or truncated) in the second, with the code
 ``request_failed``. Failed rows stay in the same file as the others (OpenAI splits them into
 an error file) so the export has exactly one line per input row.
+
+*Object storage.* The output read and the file written may each be a URL (``s3://``,
+``gs://``, ``az://``): the output is read in batches through :mod:`pipeline.io.remote`, and
+the export is written to a local temporary file, then uploaded in one commit. By default the
+export goes beside the output, wherever that is (:func:`export_path`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, StateError, UsageError
+from pipeline.io import remote
 from pipeline.io.openai_batch import ENDPOINTS
+from pipeline.job.urls import url_with_name
 
 EXPORT_BATCH_ROWS = 1024
 
@@ -180,48 +189,95 @@ def _endpoint_name(endpoint: str) -> str:
     return name
 
 
-def _output_file(path: Path) -> pq.ParquetFile:
+def output_exists(output: str) -> bool:
+    """Whether a job's output (a path, or a URL in object storage) exists yet."""
+    if not remote.is_url(output):
+        return Path(output).is_file()
     try:
-        parquet = pq.ParquetFile(path)
+        return remote.exists(output)
+    except remote.StorageError as exc:
+        raise InputError(output, f"cannot be read: {exc}") from None
+
+
+def export_path(output: str, fmt: str) -> str:
+    """Where an export goes by default: beside the output (``x.parquet`` ->
+    ``x.<fmt>.jsonl``), in the same bucket for an output in object storage."""
+    if remote.is_url(output):
+        stem = Path(remote.url_name(output)).stem
+        return url_with_name(output, f"{stem}.{fmt}.jsonl")
+    path = Path(output)
+    return str(path.with_name(f"{path.stem}.{fmt}.jsonl"))
+
+
+@contextlib.contextmanager
+def _output_file(path: Path | str) -> Iterator[pq.ParquetFile]:
+    try:
+        if remote.is_url(str(path)):
+            parquet = pq.ParquetFile(remote.open_input(str(path)))
+        else:
+            parquet = pq.ParquetFile(path)
+    except remote.StorageError as exc:
+        raise InputError(path, f"cannot be read: {exc}") from None
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(path, f"is not a readable Parquet file ({exc}).") from None
-    if "id" not in parquet.schema_arrow.names or "status" not in parquet.schema_arrow.names:
-        raise InputError(
-            path, "has no `id` and `status` columns; fix it: give the output of a pipeline run."
-        )
-    return parquet
+        problem = remote.scrub(str(exc))
+        raise InputError(path, f"is not a readable Parquet file ({problem}).") from None
+    try:
+        if "id" not in parquet.schema_arrow.names or "status" not in parquet.schema_arrow.names:
+            raise InputError(
+                path,
+                "has no `id` and `status` columns; fix it: give the output of a pipeline run.",
+            )
+        yield parquet
+    finally:
+        parquet.close(force=True)
 
 
-def export_openai_batch(output_parquet: Path, dest: Path, *, endpoint: str) -> int:
+def export_openai_batch(output_parquet: Path | str, dest: Path | str, *, endpoint: str) -> int:
     """Write ``output_parquet`` as an OpenAI batch output file at ``dest``; rows written.
+    Either may be a URL in object storage (see the module docstring).
 
     Reads the output batch by batch (memory stays bounded) and replaces ``dest`` atomically:
-    a temporary file beside it is written, fsynced and renamed into place.
+    a temporary file beside it is written, fsynced and renamed into place (or uploaded).
     """
     name = _endpoint_name(endpoint)
-    parquet = _output_file(output_parquet)
-    present = [c for c in _EXPORT_COLUMNS if c in parquet.schema_arrow.names]
-    tmp = dest.with_name(f".{dest.name}.partial")
+    url = str(dest) if remote.is_url(str(dest)) else None
+    with _output_file(output_parquet) as parquet:
+        present = [c for c in _EXPORT_COLUMNS if c in parquet.schema_arrow.names]
+        if url is None:
+            target = Path(dest)
+            tmp = target.with_name(f".{target.name}.partial")
+        else:
+            handle, temporary = tempfile.mkstemp(prefix=".export-", suffix=".jsonl.partial")
+            os.close(handle)
+            tmp = Path(temporary)
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            rows = _write_lines(parquet, present, name, tmp)
+            if url is None:
+                tmp.replace(dest)
+            else:
+                remote.upload(tmp, url)
+        except pa.ArrowException as exc:
+            raise InputError(output_parquet, f"cannot be read ({exc}).") from None
+        except OSError as exc:
+            raise StateError(f"cannot write the batch output {dest} ({exc}).") from None
+        except remote.StorageError as exc:
+            raise StateError(f"cannot upload the batch output to {dest}: {exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return rows
+
+
+def _write_lines(parquet: pq.ParquetFile, columns: list[str], endpoint: str, tmp: Path) -> int:
+    """Write one batch output line per row of ``parquet`` to ``tmp``, fsynced; rows written."""
     rows = 0
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8", newline="\n") as handle:
-            for batch in parquet.iter_batches(batch_size=EXPORT_BATCH_ROWS, columns=present):
-                for row in batch.to_pylist():
-                    line = batch_output_line(row, endpoint=name)
-                    handle.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
-                    handle.write("\n")
-                    rows += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(dest)
-    except pa.ArrowException as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(output_parquet, f"cannot be read ({exc}).") from None
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StateError(f"cannot write the batch output {dest} ({exc}).") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
+        for batch in parquet.iter_batches(batch_size=EXPORT_BATCH_ROWS, columns=columns):
+            for row in batch.to_pylist():
+                line = batch_output_line(row, endpoint=endpoint)
+                handle.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+                handle.write("\n")
+                rows += 1
+        handle.flush()
+        os.fsync(handle.fileno())
     return rows

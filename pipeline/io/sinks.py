@@ -2,6 +2,10 @@
 
 The file is written to a temporary name beside the target (``.NAME.partial``, while the run
 goes), fsynced, and renamed into place, so a reader never sees a half-written output.
+
+An output in object storage (``s3://``, ``gs://``, ``az://``) is written the same way to a
+temporary file in the job's local state folder, then uploaded under its final name in one
+commit (:func:`pipeline.io.remote.upload`): the object appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, JobFileError, StateError
+from pipeline.io import remote
 from pipeline.results import RowResult
 from pipeline.rows.schema import OutputSchema
 
@@ -72,20 +77,27 @@ def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
 
 
 def check_writable(where: str | Path, *, job_source: str, key: str, folder: bool = False) -> None:
-    """Fail now, before anything is sent, when ``path`` cannot be written: a URL (remote
-    outputs are not supported), an existing folder where a file is wanted (or a file where a
-    folder is), or a place whose folder cannot be made or written. ``key`` names the setting
-    (``[output] path``); nothing is left behind when the check fails."""
+    """Fail now, before anything is sent, when ``path`` cannot be written: an existing folder
+    where a file is wanted (or a file where a folder is), or a place whose folder cannot be
+    made or written; for an output in object storage, what :func:`remote.check_output`
+    checks (a folder, the state, must be local). ``key`` names the setting (``[output]
+    path``); nothing is left behind when the check fails."""
     text = str(where)  # before Path(), which folds "s3://b" into "s3:/b"
     path = Path(where)
-    if "://" in text:
-        scheme = text.split("://", 1)[0]
-        raise JobFileError(
-            job_source,
-            key,
-            f"{text} is a {scheme}:// URL; outputs and state folders are local paths for now.",
-            "Write to a local path (for example out/result.parquet) and copy it afterwards.",
-        )
+    if remote.is_url(text):
+        if folder:
+            raise JobFileError(
+                job_source,
+                key,
+                f"{text} is a URL; the state folder needs a local (or shared POSIX) disk, for "
+                "its appends and fsync.",
+                "Give a local folder, or leave state_dir out to use .pipeline/state/<job name>.",
+            )
+        try:
+            remote.check_output(text)
+        except remote.StorageError as exc:
+            raise JobFileError(job_source, key, str(exc)) from None
+        return
     if folder and path.exists() and not path.is_dir():
         raise JobFileError(job_source, key, f"{text} is a file, not a folder.", "Give a folder.")
     if not folder and path.is_dir():
@@ -112,24 +124,36 @@ def check_writable(where: str | Path, *, job_source: str, key: str, folder: bool
         )
 
 
-class OutputWriter:
-    """Writes output batches to ``path`` atomically."""
+def output_location(path: str) -> Path | str:
+    """An ``[output] path`` as a place: a local :class:`Path`, or a URL kept as text."""
+    return path if remote.is_url(path) else Path(path)
 
-    def __init__(self, path: Path, schema: OutputSchema | None = None) -> None:
-        self.path = path
+
+class OutputWriter:
+    """Writes output batches to ``path`` atomically: a local path, or a URL in object
+    storage whose temporary file is kept in ``staging`` (the job's local state folder)."""
+
+    def __init__(
+        self, path: Path | str, schema: OutputSchema | None = None, *, staging: Path | None = None
+    ) -> None:
+        self.url = str(path) if remote.is_url(str(path)) else None
+        self.path: Path | str = self.url or Path(path)
         self._answer = schema
-        self._tmp = path.with_name(f".{path.name}.partial")
+        if self.url is None:
+            self._tmp = Path(path).with_name(f".{Path(path).name}.partial")
+        else:
+            self._tmp = (staging or Path(".")) / f".{remote.url_name(self.url)}.partial"
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self.rows = 0
 
     def __enter__(self) -> OutputWriter:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
             self._tmp.unlink(missing_ok=True)  # left by a run that was killed
         except OSError as exc:
             raise StateError(
-                f"cannot create the output folder {self.path.parent} ({exc})."
+                f"cannot create the output folder {self._tmp.parent} ({exc})."
             ) from None
         return self
 
@@ -180,6 +204,13 @@ class OutputWriter:
             "then run the job again to write the output without sending them again."
         )
 
+    def _cannot_upload(self, exc: remote.StorageError) -> StateError:
+        return StateError(
+            f"cannot upload the output to {self.path}: {exc} Nothing is left under that name, "
+            "and every finished row is kept in the state folder: fix that, then run the job "
+            "again to write the output without sending them again."
+        )
+
     def abort(self) -> None:
         """Drop what was written: an output file already in place stays as it was."""
         if self._writer is not None:
@@ -200,8 +231,17 @@ class OutputWriter:
             return
         try:
             self._writer.close()
+            self._writer = None
             with self._tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
-            self._tmp.replace(self.path)
+            if self.url is None:
+                self._tmp.replace(self.path)
+                return
         except OSError as exc_:
             raise self._cannot_write(exc_) from None
+        try:
+            remote.upload(self._tmp, self.url)
+        except remote.StorageError as exc_:
+            raise self._cannot_upload(exc_) from None
+        finally:
+            self._tmp.unlink(missing_ok=True)

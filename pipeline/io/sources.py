@@ -9,6 +9,11 @@ job needs are materialised. :func:`scan_input` is the one full pass made before 
 it counts rows, checks that the id column is present, non-null and unique (8 bytes a row),
 and reports malformed JSON lines with their line number.
 
+An input path may also be a URL: ``s3://``, ``gs://``, ``az://`` or ``hf://datasets/...``
+(a file, a glob or a folder, as for local paths), read through :mod:`pipeline.io.remote` in
+bounded blocks; such a file's :attr:`InputFile.url` is set. Rows given in Python (the API's
+``rows=``) are read the same way from memory (:mod:`pipeline.io.tables`).
+
 JSONL files are UTF-8, with or without a byte-order mark at the start. Each column the job
 reads must hold one JSON type in a file (nulls aside); the line whose value breaks that is an
 :class:`InputError` naming the line, the column and both types.
@@ -17,22 +22,24 @@ reads must hold one JSON type in a file (nulls aside); the line whose value brea
 from __future__ import annotations
 
 import array
+import contextlib
 import glob
 import gzip
 import io
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, Literal
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath, PurePosixPath
+from typing import IO, Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, JobFileError
+from pipeline.io import remote, tables
 
-Format = Literal["parquet", "jsonl"]
+Format = Literal["parquet", "jsonl", "table"]
 _SUFFIXES: dict[str, Format] = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 DEFAULT_BATCH_ROWS = 2048
 _BOM = "\ufeff"
@@ -41,11 +48,22 @@ _BOM = "\ufeff"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InputFile:
     path: Path
+    """A local file; for a file in object storage, its path there (``bucket/key``)."""
     format: Format
     gzipped: bool = False
+    url: str | None = None
+    """The file's URL when it is in object storage or on the Hub (read from there)."""
+    table: pa.Table | None = field(default=None, compare=False, repr=False)
+    """Rows held in memory (format ``table``, see :mod:`pipeline.io.tables`); ``path`` is the
+    name that stands for them."""
+
+    @property
+    def where(self) -> str:
+        """The file as messages name it: its URL or its path."""
+        return self.url if self.url is not None else str(self.path)
 
 
-def _format_of(path: Path) -> tuple[Format, bool] | None:
+def _format_of(path: PurePath) -> tuple[Format, bool] | None:
     suffixes = [s.lower() for s in path.suffixes]
     gzipped = bool(suffixes) and suffixes[-1] == ".gz"
     if gzipped:
@@ -58,6 +76,11 @@ def _format_of(path: Path) -> tuple[Format, bool] | None:
 def resolve_input(pattern: str, job_source: str) -> tuple[InputFile, ...]:
     """The input files a job's ``[input] path`` names, in reading order."""
     key = "[input] path"
+    table = tables.lookup(pattern)
+    if table is not None:
+        return (InputFile(path=Path(pattern), format="table", table=table),)
+    if remote.is_url(pattern):
+        return _resolve_remote(pattern, job_source)
     path = Path(pattern)
     if any(ch in pattern for ch in "*?["):
         candidates = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
@@ -94,27 +117,63 @@ def resolve_input(pattern: str, job_source: str) -> tuple[InputFile, ...]:
     return tuple(files)
 
 
-def open_text(path: Path, *, gzipped: bool) -> IO[str]:
+def _resolve_remote(url: str, job_source: str) -> tuple[InputFile, ...]:
+    """:func:`resolve_input` for a URL: the same rules, on object storage or the Hub."""
+    key = "[input] path"
+    try:
+        kind, found = remote.expand(url)
+    except remote.StorageError as exc:
+        raise JobFileError(job_source, key, str(exc)) from None
+    if kind == "missing":
+        raise JobFileError(job_source, key, f"no such file or folder: {url!r}.")
+    if kind == "glob" and not found:
+        raise JobFileError(job_source, key, f"the pattern {url!r} matches no file.")
+    if kind == "folder":
+        found = [f for f in found if _format_of(PurePosixPath(remote.url_name(f))) is not None]
+        if not found:
+            raise JobFileError(
+                job_source, key, f"the folder {url!r} holds no .parquet or .jsonl file."
+            )
+    files = []
+    for file_url in found:
+        kind_of = _format_of(PurePosixPath(remote.url_name(file_url)))
+        if kind_of is None:
+            raise JobFileError(
+                job_source,
+                key,
+                f"cannot read {file_url!r}: use .parquet, .jsonl or .ndjson (optionally .gz).",
+            )
+        path = Path(file_url.split("://", 1)[1])
+        files.append(InputFile(path=path, format=kind_of[0], gzipped=kind_of[1], url=file_url))
+    return tuple(files)
+
+
+def open_text(path: Path | str, *, gzipped: bool) -> IO[str]:
     """A UTF-8 text file, read through gzip when ``gzipped``; a byte-order mark at the start of
-    the file (as Windows tools write) is skipped."""
+    the file (as Windows tools write) is skipped. ``path`` may be a URL (object storage)."""
+    if isinstance(path, str) and remote.is_url(path):
+        return remote.open_text(path, gzipped=gzipped)
     if gzipped:
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
-    return path.open("r", encoding="utf-8-sig")
+    return Path(path).open("r", encoding="utf-8-sig")
 
 
-def _not_json(path: Path, number: int, detail: str) -> InputError:
+def _not_json(path: Path | str, number: int, detail: str) -> InputError:
     return InputError(path, f"line {number} is not valid JSON ({detail}). Fix that line.")
 
 
+_Where = TypeVar("_Where", Path, str)
+
+
 def json_lines(
-    path: Path,
+    path: _Where,
     *,
     gzipped: bool,
-    not_json: Callable[[Path, int, str], InputError] = _not_json,
+    not_json: Callable[[_Where, int, str], InputError] = _not_json,
 ) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line of a JSON-lines file; a line that is not
-    JSON is the :class:`InputError` ``not_json`` words (file, line, parser's reason), a file
-    that cannot be read one naming it."""
+    """(line number, value) for each non-blank line of a JSON-lines file (``path``, or a URL
+    in object storage); a line that is not JSON is the :class:`InputError` ``not_json``
+    words (file, line, parser's reason), a file that cannot be read one naming it."""
     try:
         with open_text(path, gzipped=gzipped) as handle:
             for number, line in enumerate(handle, start=1):
@@ -126,7 +185,9 @@ def json_lines(
                     raise not_json(path, number, _json_problem(line, exc)) from None
                 yield number, value
     except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise InputError(path, f"cannot be read ({exc}).") from None
+        raise InputError(path, f"cannot be read ({remote.scrub(str(exc))}).") from None
+    except remote.StorageError as exc:
+        raise InputError(path, f"cannot be read: {exc}") from None
 
 
 def _json_problem(line: str, exc: ValueError | RecursionError) -> str:
@@ -137,17 +198,38 @@ def _json_problem(line: str, exc: ValueError | RecursionError) -> str:
 
 def _jsonl_records(file: InputFile) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; a bad line is an :class:`InputError`."""
-    for number, record in json_lines(file.path, gzipped=file.gzipped):
+    lines = (
+        json_lines(file.path, gzipped=file.gzipped)
+        if file.url is None
+        else json_lines(file.url, gzipped=file.gzipped)
+    )
+    for number, record in lines:
         if not isinstance(record, dict):
-            raise InputError(file.path, f"line {number} is not a JSON object.")
+            raise InputError(file.where, f"line {number} is not a JSON object.")
         yield number, record
 
 
 def _parquet(file: InputFile) -> pq.ParquetFile:
+    """``file`` open as Parquet (close it with ``close(force=True)``, see :func:`_opened`)."""
     try:
+        if file.url is not None:
+            return pq.ParquetFile(remote.open_input(file.url))
         return pq.ParquetFile(file.path)
+    except remote.StorageError as exc:
+        raise InputError(file.where, f"cannot be read: {exc}") from None
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(file.path, f"is not a readable Parquet file ({exc}).") from None
+        problem = remote.scrub(str(exc))
+        raise InputError(file.where, f"is not a readable Parquet file ({problem}).") from None
+
+
+@contextlib.contextmanager
+def _opened(file: InputFile) -> Iterator[pq.ParquetFile]:
+    """``file`` open as Parquet, and closed (with the object-storage file under it) after."""
+    parquet = _parquet(file)
+    try:
+        yield parquet
+    finally:
+        parquet.close(force=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,7 +258,7 @@ def scan_input(
         budget = None if limit is None else limit - rows
         if budget is not None and budget <= 0:
             break
-        if file.format == "parquet":
+        if file.format in ("parquet", "table"):
             rows += _scan_parquet(
                 file,
                 id_column=id_column,
@@ -203,19 +285,22 @@ def _scan_parquet(
     columns: set[str],
     job_source: str,
 ) -> int:
-    parquet = _parquet(file)
-    names = parquet.schema_arrow.names
+    if file.table is not None:
+        names, total = list(file.table.column_names), int(file.table.num_rows)
+    else:
+        with _opened(file) as parquet:
+            names = parquet.schema_arrow.names
+            total = int(parquet.metadata.num_rows)
     columns.update(names)
-    total = int(parquet.metadata.num_rows)
     count = total if budget is None else min(total, budget)
     if id_column is None:
         return count
     if id_column not in names:
-        raise _missing_id(job_source, id_column, file.path, names)
+        raise _missing_id(job_source, id_column, file.where, names)
     for row, value in enumerate(iter_column([file], id_column, count)):
         if value is None:
             raise InputError(
-                file.path,
+                file.where,
                 f"the id column {id_column!r} is null in row {row} (0-based). "
                 "Every row needs an id.",
             )
@@ -240,7 +325,7 @@ def _scan_jsonl(
             value = record.get(id_column)
             if value is None:
                 raise InputError(
-                    file.path,
+                    file.where,
                     f"line {number} has no value for the id column {id_column!r}. "
                     "Every row needs an id.",
                 )
@@ -249,7 +334,9 @@ def _scan_jsonl(
     return count
 
 
-def _missing_id(job_source: str, id_column: str, path: Path, names: Sequence[str]) -> JobFileError:
+def _missing_id(
+    job_source: str, id_column: str, path: Path | str, names: Sequence[str]
+) -> JobFileError:
     shown = ", ".join(list(names)[:20])
     return JobFileError(
         job_source,
@@ -275,7 +362,7 @@ def _check_unique(
         key = json.dumps(value, sort_keys=True, default=str)
         if key in first_seen:
             raise InputError(
-                files[0].path if len(files) == 1 else ", ".join(str(f.path) for f in files),
+                files[0].where if len(files) == 1 else ", ".join(f.where for f in files),
                 f"the id {value!r} in column {id_column!r} appears more than once "
                 f"(rows {first_seen[key]} and {index}, 0-based). Ids must be unique; "
                 "fix the input or remove id_column to use row numbers.",
@@ -314,14 +401,19 @@ def iter_batches(
 
 
 def _file_batches(file: InputFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    if file.table is not None:
+        for batch in tables.table_batches(file.table, columns, batch_rows):
+            yield _with_all_columns(batch, columns)
+        return
     if file.format == "parquet":
-        parquet = _parquet(file)
-        present = [c for c in columns if c in parquet.schema_arrow.names]
-        try:
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
-                yield _with_all_columns(batch, columns)
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(file.path, f"cannot be read ({exc}).") from None
+        with _opened(file) as parquet:
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            try:
+                for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
+                    yield _with_all_columns(batch, columns)
+            except (OSError, pa.ArrowException) as exc:
+                problem = remote.scrub(str(exc))
+                raise InputError(file.where, f"cannot be read ({problem}).") from None
         return
     yield from _jsonl_batches(file, columns, batch_rows)
 
@@ -334,7 +426,7 @@ def _jsonl_batches(
     lines: list[int] = []
     for number, record in _jsonl_records(file):
         row = {c: record.get(c) for c in columns}
-        _check_kinds(file.path, number, row, kinds)
+        _check_kinds(file.where, number, row, kinds)
         pending.append(row)
         lines.append(number)
         if len(pending) >= batch_rows:
@@ -366,7 +458,7 @@ def _kind(value: Any) -> str | None:
     return "an object" if isinstance(value, dict) else "a list"
 
 
-def _check_kinds(path: Path, number: int, row: dict[str, Any], kinds: dict[str, str]) -> None:
+def _check_kinds(path: Path | str, number: int, row: dict[str, Any], kinds: dict[str, str]) -> None:
     """Raise naming the column and line when a value's type differs from the column's type
     on earlier lines (``kinds``, which this updates)."""
     for column, value in row.items():
@@ -379,7 +471,7 @@ def _check_kinds(path: Path, number: int, row: dict[str, Any], kinds: dict[str, 
 
 
 def _mixed(
-    path: Path, number: int, column: str, problem: str, fix: str = "make the column one type."
+    path: Path | str, number: int, column: str, problem: str, fix: str = "make the column one type."
 ) -> InputError:
     return InputError(path, f"line {number}: column {json.dumps(column)} {problem}; {fix}")
 
@@ -396,11 +488,13 @@ def _jsonl_batch(
         try:
             arrays.append(pa.array(values))
         except _CONVERSION_ERRORS:
-            raise _unconvertible(file.path, column, values, lines) from None
+            raise _unconvertible(file.where, column, values, lines) from None
     return pa.RecordBatch.from_arrays(arrays, names=columns)
 
 
-def _unconvertible(path: Path, column: str, values: list[Any], lines: list[int]) -> InputError:
+def _unconvertible(
+    path: Path | str, column: str, values: list[Any], lines: list[int]
+) -> InputError:
     """The error for a column Arrow cannot convert although its values share one JSON type
     (their contents differ, or a number is too large): it names the first line that fails."""
 

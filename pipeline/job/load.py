@@ -1,4 +1,5 @@
-"""Job files: TOML in, a validated frozen :class:`~pipeline.job.spec.JobSpec` out.
+"""Job files: TOML in (or the same tables as a Python dict, :func:`job_from_dict`), a
+validated frozen :class:`~pipeline.job.spec.JobSpec` out.
 
 Validation happens once, at this edge, before any request is sent. Every mistake becomes a
 :class:`~pipeline.errors.JobFileError` that names the file, the key and what to do. Pydantic
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import tomllib
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -333,10 +335,25 @@ def parse_job(text: str, path: Path | str = "<job>") -> JobSpec:
     ``path`` is the job file's: its paths are read relative to its folder (see
     :mod:`pipeline.job.paths`)."""
     source = Path(path)
+    return job_from_dict(parse_toml(text, source), source)
+
+
+def parse_toml(text: str, path: Path | str = "<job>") -> dict[str, Any]:
+    """A job file's text as its tables, unvalidated; text that is not TOML is a
+    :class:`JobFileError` naming ``path``."""
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise JobFileError(source, "", f"is not valid TOML ({exc}).") from exc
+        raise JobFileError(path, "", f"is not valid TOML ({exc}).") from exc
+
+
+def job_from_dict(tables: Mapping[str, Any], path: Path | str = "<job dict>") -> JobSpec:
+    """Validate a job given as a dict shaped like a job file (``{"name": ..., "input":
+    {"path": ...}, "request": {...}, ...}``), with the same checks and the same
+    :class:`JobFileError` messages as a file; ``path`` names it in them, and its relative paths
+    are read from that path's folder (the current folder for ``"<job dict>"``)."""
+    source = Path(path)
+    raw = dict(tables)
     check_secrets(source, raw)
     if isinstance(raw.get("request"), dict):
         check_request_keys(source, raw["request"])
@@ -401,11 +418,15 @@ def parse_job(text: str, path: Path | str = "<job>") -> JobSpec:
 
 def load_job(path: Path | str) -> JobSpec:
     """Read and validate a job file."""
+    return parse_job(read_job_file(path), path)
+
+
+def read_job_file(path: Path | str) -> str:
+    """A job file's text; a file that is missing or unreadable is a :class:`JobFileError`."""
     source = Path(path)
     try:
-        text = source.read_text(encoding="utf-8")
+        return source.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise JobFileError(source, "", "no such job file.", "Check the path.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise JobFileError(source, "", f"cannot be read ({exc}).") from None
-    return parse_job(text, source)

@@ -3,7 +3,8 @@
 ``[input] path``, ``[output] path``, ``[output] state_dir`` (and ``[output] schema``, read by
 :mod:`pipeline.rows.schema`) are read relative to the folder that holds the job file, so a
 job runs the same from any current folder; ``~`` is expanded and absolute paths are kept.
-Command-line flags (``--input``, ``--output``) stay relative to the current folder.
+Command-line flags (``--input``, ``--output``) stay relative to the current folder. A URL
+(``s3://``, ``gs://``, ``az://``, ``hf://``: anything with a scheme) is kept as written.
 
 Job files written before this rule named paths relative to the current folder. So that they
 keep working, a path that finds nothing beside the job file but does from the current
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.job.spec import Notice
+from pipeline.job.urls import is_url
 
 _GLOB_CHARACTERS = "*?["
 
@@ -37,7 +39,10 @@ class JobPaths:
 
 def beside_job(raw: str, folder: Path) -> str:
     """``raw`` (a path or glob from a job file) read relative to ``folder``: ``~`` expanded,
-    an absolute path unchanged, a relative one joined to ``folder`` and normalised."""
+    an absolute path unchanged, a relative one joined to ``folder`` and normalised; a URL
+    unchanged."""
+    if is_url(raw):
+        return raw
     expanded = os.path.expanduser(raw)
     if os.path.isabs(expanded):
         return expanded
@@ -52,6 +57,8 @@ def resolve_paths(
     notices: list[Notice] = []
     input_ = beside_job(input_path, folder)
     legacy_input = os.path.expanduser(input_path)
+    if is_url(input_path):
+        legacy_input = input_path
     if _differ(input_, legacy_input) and not _finds(input_) and _finds(legacy_input):
         notices.append(
             _notice(
@@ -66,6 +73,8 @@ def resolve_paths(
 
     output = beside_job(output_path, folder)
     state = None if state_dir is None else beside_job(state_dir, folder)
+    if is_url(output_path):  # nothing to find the old way: its state is not beside it
+        return JobPaths(input=input_, output=output, state_dir=state, notices=tuple(notices))
     legacy_output = os.path.expanduser(output_path)
     legacy_state = None if state_dir is None else os.path.expanduser(state_dir)
     here, there = _state_folder(output, state), _state_folder(legacy_output, legacy_state)

@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipeline.job.urls import is_url, local_state_folder, url_name, url_with_name
 from pipeline.money.pricing import PriceOverride
 
 if TYPE_CHECKING:
@@ -118,12 +119,19 @@ class OutputSpec:
     schema_enforced: bool = False
     """The provider enforces :attr:`schema` (a ``json_schema`` response format with
     ``strict = true``), so it is not repeated in the prompt."""
+    job_name: str = ""
+    """The job's name (filled in by :class:`JobSpec`): names the local state folder of an
+    output in object storage."""
 
     @property
     def state_path(self) -> Path:
-        """The job's state folder: configured, or ``<output>.state`` beside the output."""
+        """The job's state folder: configured, or ``<output>.state`` beside the output; for an
+        output in object storage (a URL), ``.pipeline/state/<job name>`` under the current
+        folder, since the state needs appends and fsync."""
         if self.state_dir is not None:
             return Path(self.state_dir)
+        if is_url(self.path):
+            return local_state_folder(self.job_name, self.path)
         out = Path(self.path)
         return out.with_name(out.name + ".state")
 
@@ -162,6 +170,10 @@ class JobSpec:
     notices: tuple[Notice, ...] = ()
     """Warnings from loading the job file, to show before anything runs (see :class:`Notice`)."""
 
+    def __post_init__(self) -> None:
+        if self.output.job_name != self.name:  # the output's state folder may be named after it
+            object.__setattr__(self, "output", replace(self.output, job_name=self.name))
+
     def api_key(self) -> str | None:
         """The API key from the environment variable the job names (never stored)."""
         if self.request.api_key_env is None:
@@ -192,7 +204,10 @@ def local_side(output: OutputSpec, *, renamed: bool) -> OutputSpec:
     (``labels.parquet`` -> ``labels.local.parquet``) that a real run never overwrites."""
     state = output.state_path / LOCAL_STATE
     path = output.path
-    if renamed:
+    if renamed and is_url(path):
+        name = Path(url_name(path))
+        path = url_with_name(path, f"{name.stem}.local{name.suffix}")
+    elif renamed:
         out = Path(path)
         path = str(out.with_name(f"{out.stem}.local{out.suffix}"))
     return replace(output, path=path, state_dir=str(state))

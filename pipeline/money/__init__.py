@@ -1,1 +1,2 @@
-"""Pure money logic: prices (built in, and the job's overrides) and the budget."""
+"""Pure money logic: prices (the job's overrides, the built-in table, genai-prices' bundled
+data in :mod:`pipeline.money.catalog`) and the budget."""

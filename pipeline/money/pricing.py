@@ -7,6 +7,19 @@ costs ``None`` (unknown), never $0.
 A price may have an off-peak window (:class:`OffPeak`): a daily UTC time range in which a
 fraction of the price is paid. :func:`price_at` gives the flat price in effect at one instant;
 :func:`cost` always takes a flat price (callers pass the effective one).
+
+Where a job's price comes from, first match wins (:func:`quote_price`):
+
+1. the job's ``[pricing]`` table or the command line's ``--price`` (a :class:`PriceOverride`;
+   the parts it leaves out come from 2 or 3);
+2. the built-in table (:data:`BUILTIN_PRICES`): WaveSpeedAI's prices and DeepSeek's own API
+   with its off-peak window;
+3. the ``genai-prices`` package's bundled data (:mod:`pipeline.money.catalog`), for every
+   provider and model it knows.
+
+The endpoint's host picks the provider (``api.deepseek.com`` is DeepSeek, ``api.openai.com``
+OpenAI, and every API address genai-prices knows); on a loopback address (the built-in
+server) the model id alone picks the price, as a ``provider/`` prefix does.
 """
 
 from __future__ import annotations
@@ -14,9 +27,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, time
-from decimal import Decimal
+from datetime import UTC, date, datetime, time
+from decimal import Decimal, InvalidOperation
+from typing import Any
 from urllib.parse import urlsplit
+
+from pipeline.money import catalog
 
 MILLION = Decimal(1_000_000)
 
@@ -34,6 +50,28 @@ class PriceOverride:
     """End of the window (UTC, exclusive); earlier than the start: it wraps midnight."""
     off_peak_discount: Decimal | None = None
     """The fraction of the price paid off-peak (0.5: half price)."""
+    origin: str = "job [pricing]"
+    """Where the override was given, for people: ``job [pricing]`` or ``--price``."""
+
+    def over(self, other: PriceOverride | None) -> PriceOverride:
+        """This override on top of ``other``: each part given here wins."""
+        if other is None:
+            return self
+
+        def pick(name: str) -> Any:
+            mine = getattr(self, name)
+            return mine if mine is not None else getattr(other, name)
+
+        window = self.off_peak_start is not None
+        return PriceOverride(
+            input=pick("input"),
+            cached_input=pick("cached_input"),
+            output=pick("output"),
+            off_peak_start=self.off_peak_start if window else other.off_peak_start,
+            off_peak_end=self.off_peak_end if window else other.off_peak_end,
+            off_peak_discount=self.off_peak_discount if window else other.off_peak_discount,
+            origin=f"{self.origin} over {other.origin}",
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +190,9 @@ BUILTIN_PRICES: Mapping[tuple[str, str], Price] = {
         off_peak=OffPeak(start=time(16, 30), end=time(0, 30), discount=Decimal("0.5")),
     ),
 }
+BUILTIN_AS_OF = date(2026, 11, 29)
+"""When the built-in table's prices were taken from the providers' price pages."""
+BUILTIN = "built-in table"
 
 _HOST_PROVIDERS = {
     "llm.wavespeed.ai": "wavespeed",
@@ -188,28 +229,149 @@ def builtin_price(base_url: str, model: str) -> Price | None:
     return BUILTIN_PRICES.get((provider, model))
 
 
-def resolve_price(base_url: str, model: str, override: PriceOverride | None) -> Price | None:
-    """The price a job pays: the built-in table, with the job's ``[pricing]`` on top.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Quote:
+    """A price and where it comes from."""
 
-    An override that gives ``input`` and ``output`` prices a model the table lacks;
-    ``cached_input`` then defaults to ``input``. An override's off-peak window replaces the
-    table's (``off_peak_discount = 1`` in effect removes it).
-    """
-    base = builtin_price(base_url, model)
-    if override is None:
-        return base
+    price: Price
+    source: str
+    """``job [pricing]``, ``--price``, ``built-in table`` or ``genai-prices 0.2.3``; an
+    override that leaves parts out reads ``--price over genai-prices 0.2.3``."""
+    as_of: date | None = None
+    date_kind: str | None = None
+    """``checked`` (the built-in table's date) or ``since`` (the price took effect then)."""
+    provider: str | None = None
+    """The provider the table matched (ours or genai-prices' id)."""
+    model: str | None = None
+    """The model id the table matched (may differ from the job's: a dated alias)."""
+    notes: tuple[str, ...] = ()
+    """What the price leaves out or simplifies (tiers, fees not counted)."""
+    prompt_limit: int | None = None
+    """The price holds for prompts up to this many tokens (tiered prices)."""
+
+    @property
+    def date_text(self) -> str:
+        """``checked 2026-11-29``, ``since 2026-09-10`` or ``-``."""
+        if self.as_of is None:
+            return "-"
+        return f"{self.date_kind or 'as of'} {self.as_of:%Y-%m-%d}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; prices as exact decimal strings."""
+        window = self.price.off_peak
+        return {
+            "source": self.source,
+            "date": None if self.as_of is None else f"{self.as_of:%Y-%m-%d}",
+            "date_kind": self.date_kind,
+            "provider": self.provider,
+            "model": self.model,
+            "input": str(self.price.input),
+            "cached_input": str(self.price.cached_input),
+            "output": str(self.price.output),
+            "off_peak": None
+            if window is None
+            else {
+                "start": f"{window.start:%H:%M}",
+                "end": f"{window.end:%H:%M}",
+                "discount": str(window.discount),
+            },
+            "prompt_limit": self.prompt_limit,
+            "notes": list(self.notes),
+        }
+
+
+def catalog_source() -> str:
+    """``genai-prices 0.2.3``."""
+    return f"{catalog.PACKAGE} {catalog.version()}"
+
+
+def _builtin_quote(base_url: str, model: str) -> Quote | None:
+    price = builtin_price(base_url, model)
+    if price is None:
+        return None
+    return next(q for q in builtin_quotes() if q.model == model and q.price == price)
+
+
+def catalog_provider(base_url: str) -> str | None:
+    """The genai-prices provider for an endpoint; None on loopback (the model id decides)
+    and for hosts it does not know."""
+    if provider_of(base_url) == "local":
+        return None
+    return catalog.provider_for_url(base_url)
+
+
+def catalog_quote(found: catalog.CatalogPrice) -> Quote:
+    """A genai-prices entry as a quote."""
+    window = None
+    if found.off_peak is not None:
+        start, end, fraction = found.off_peak
+        window = OffPeak(start=start, end=end, discount=fraction)
+    return Quote(
+        price=Price(
+            input=found.input,
+            cached_input=found.cached_input,
+            output=found.output,
+            off_peak=window,
+        ),
+        source=catalog_source(),
+        as_of=found.since,
+        date_kind="since" if found.since is not None else None,
+        provider=found.provider,
+        model=found.model,
+        notes=found.notes,
+        prompt_limit=found.prompt_limit,
+    )
+
+
+def builtin_quotes() -> list[Quote]:
+    """Every price of the built-in table."""
+    return [
+        Quote(
+            price=price,
+            source=BUILTIN,
+            as_of=BUILTIN_AS_OF,
+            date_kind="checked",
+            provider=provider,
+            model=model,
+        )
+        for (provider, model), price in BUILTIN_PRICES.items()
+    ]
+
+
+def _catalog_quote(base_url: str, model: str, when: datetime) -> Quote | None:
+    local = provider_of(base_url) == "local"
+    provider = None if local else catalog.provider_for_url(base_url)
+    if provider is None and not local:
+        return None
+    found = catalog.lookup(model, provider=provider, when=when)
+    return None if found is None else catalog_quote(found)
+
+
+def table_quotes(base_url: str, model: str, *, when: datetime | None = None) -> list[Quote]:
+    """The tables' prices for ``model`` at ``base_url``, the winner first: the built-in
+    table, then genai-prices (at ``when``, default now)."""
+    moment = when or datetime.now(UTC)
+    found = [_builtin_quote(base_url, model), _catalog_quote(base_url, model, moment)]
+    return [quote for quote in found if quote is not None]
+
+
+def apply_override(base: Quote | None, override: PriceOverride) -> Quote | None:
+    """``override`` on top of a table's price (see :func:`resolve_price`); the source says
+    ``--price over genai-prices 0.2.3`` when the table still gives a part."""
+    price = base.price if base is not None else None
     input_price = override.input
-    if input_price is None and base is not None:
-        input_price = base.input
+    if input_price is None and price is not None:
+        input_price = price.input
     output_price = override.output
-    if output_price is None and base is not None:
-        output_price = base.output
+    if output_price is None and price is not None:
+        output_price = price.output
     if input_price is None or output_price is None:
         return None
     cached = override.cached_input
     if cached is None:
-        cached = base.cached_input if base is not None else input_price
-    off_peak = base.off_peak if base is not None else None
+        cached = price.cached_input if price is not None else input_price
+    window = override.off_peak_start is not None
+    off_peak = price.off_peak if price is not None else None
     if (
         override.off_peak_start is not None
         and override.off_peak_end is not None
@@ -220,7 +382,79 @@ def resolve_price(base_url: str, model: str, override: PriceOverride | None) -> 
             end=override.off_peak_end,
             discount=override.off_peak_discount,
         )
-    return Price(input=input_price, cached_input=cached, output=output_price, off_peak=off_peak)
+    merged = Price(input=input_price, cached_input=cached, output=output_price, off_peak=off_peak)
+    given = (override.input, override.cached_input, override.output)
+    if base is None or (
+        all(part is not None for part in given) and (window or base.price.off_peak is None)
+    ):
+        return Quote(price=merged, source=override.origin)
+    return replace(base, price=merged, source=f"{override.origin} over {base.source}")
+
+
+def quote_price(
+    base_url: str, model: str, override: PriceOverride | None, *, when: datetime | None = None
+) -> Quote | None:
+    """The price a job pays and where it comes from (None: no price is known).
+
+    The job's ``[pricing]`` (or ``--price``) wins over the built-in table, which wins over
+    genai-prices; see :func:`resolve_price` for how an override's parts combine.
+    """
+    quotes = table_quotes(base_url, model, when=when)
+    base = quotes[0] if quotes else None
+    if override is None:
+        return base
+    return apply_override(base, override)
+
+
+def resolve_price(base_url: str, model: str, override: PriceOverride | None) -> Price | None:
+    """The price a job pays: the tables' (built-in, then genai-prices), with the job's
+    ``[pricing]`` on top.
+
+    An override that gives ``input`` and ``output`` prices a model no table has;
+    ``cached_input`` then defaults to ``input``. Parts an override leaves out come from the
+    table. An override's off-peak window replaces the table's (``off_peak_discount = 1`` in
+    effect removes it).
+    """
+    quote = quote_price(base_url, model, override)
+    return None if quote is None else quote.price
+
+
+PRICE_KEYS = ("input", "cached_input", "output")
+
+
+def parse_price(text: str) -> PriceOverride:
+    """``input=0.15,output=0.60[,cached_input=0.075]`` (USD per million tokens), as given to
+    ``--price``. Raises ValueError with a message for a person."""
+    values: dict[str, Decimal] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in PRICE_KEYS:
+            raise ValueError(
+                f"{item.strip() or '(empty)'!r} is not KEY=USD; the keys are input, "
+                "cached_input and output (USD per million tokens), like "
+                "input=0.15,output=0.60"
+            )
+        if key in values:
+            raise ValueError(f"{key} is given twice")
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            number = Decimal("NaN")
+        if not number.is_finite() or number < 0:
+            raise ValueError(f"{key}={value!r} is not a price (a number of USD, 0 or more)")
+        values[key] = number
+    missing = [key for key in ("input", "output") if key not in values]
+    if missing:
+        raise ValueError(
+            f"{' and '.join(missing)} missing: give at least input and output, like "
+            "input=0.15,output=0.60"
+        )
+    return PriceOverride(
+        input=values["input"],
+        cached_input=values.get("cached_input"),
+        output=values["output"],
+        origin="--price",
+    )
 
 
 def _utc_time(when: datetime) -> time:

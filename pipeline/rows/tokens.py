@@ -27,10 +27,20 @@ has these three spellings as added tokens (ids 128801 ``fim▁begin``, 128800 ``
 markers) and each encodes as one token. It also has the ``tool▁call(s)▁begin/end`` and
 ``tool▁sep`` tokens used above (ids 128806-128809 and 128814).
 
-For models that are not DeepSeek models the count is an estimate: one token per four UTF-8
-bytes of text, plus four tokens of framing per message (documented in the README); tools add
-the estimate of their canonical JSON, tool calls that of their names and arguments, and a
-completions body counts its prompt and suffix as one message.
+OpenAI models (``gpt-4o-mini``, ``gpt-4.1``, ``o3``, ``gpt-3.5-turbo``, ...) are counted with
+``tiktoken`` when their encoding is on this machine (:mod:`pipeline.rows.openai_tokens`: it
+never downloads). A chat prompt is laid out as OpenAI's cookbook counts it ("How to count
+tokens with tiktoken"): 3 tokens per message, plus the tokens of its role and content, plus 1
+and the tokens of its ``name`` when it has one, plus 3 that prime the reply. That layout is
+exact for messages of text; tool definitions (and an assistant's tool calls) are counted as
+the tokens of their canonical JSON (names and arguments), which OpenAI's hidden tool layout
+only approximates, and the estimate says so. A completions body counts its prompt and suffix.
+
+Other models, and OpenAI models without an offline encoding, get an estimate: one token per
+four UTF-8 bytes of text, plus four tokens of framing per message (documented in the README);
+tools add the estimate of their canonical JSON, tool calls that of their names and arguments,
+and a completions body counts its prompt and suffix as one message. :func:`count_method`
+says which way a model is counted.
 """
 
 from __future__ import annotations
@@ -39,8 +49,11 @@ import functools
 import importlib.util
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.rows import openai_tokens
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -63,6 +76,10 @@ TOOLS_HEADER = "\n\n## Tools\n"
 
 HEURISTIC_BYTES_PER_TOKEN = 4
 HEURISTIC_TOKENS_PER_MESSAGE = 4
+OPENAI_TOKENS_PER_MESSAGE = 3
+OPENAI_TOKENS_PER_NAME = 1
+OPENAI_REPLY_TOKENS = 3
+"""Every reply is primed with ``<|start|>assistant<|message|>`` (OpenAI's cookbook)."""
 
 
 def is_deepseek_model(model: str) -> bool:
@@ -235,24 +252,113 @@ def heuristic_prompt_tokens(body: Mapping[str, Any]) -> int:
     return count + heuristic_tokens(tools_text(body.get("tools")))
 
 
+@dataclass(frozen=True, slots=True)
+class CountMethod:
+    """How a model's prompts are counted."""
+
+    kind: str
+    """``deepseek`` (its own tokenizer), ``tiktoken`` or ``heuristic``."""
+    encoding: str | None = None
+    """The tiktoken encoding (``o200k_base``)."""
+    reason: str | None = None
+    """Why an OpenAI model gets the heuristic (no offline encoding, no tiktoken)."""
+
+    @property
+    def exact(self) -> bool:
+        return self.kind != "heuristic"
+
+    @property
+    def label(self) -> str:
+        """``exact`` (DeepSeek), ``exact (tiktoken o200k_base)`` or ``heuristic``."""
+        if self.kind == "tiktoken":
+            return f"exact (tiktoken {self.encoding})"
+        return "exact" if self.kind == "deepseek" else "heuristic"
+
+
+DEEPSEEK_COUNT = CountMethod("deepseek")
+HEURISTIC_COUNT = CountMethod("heuristic")
+
+
+@functools.cache
+def count_method(model: str) -> CountMethod:
+    """How prompts for ``model`` are counted: DeepSeek's tokenizer, tiktoken (an OpenAI model
+    whose encoding is on this machine), or the heuristic."""
+    if is_deepseek_model(model):
+        return DEEPSEEK_COUNT
+    name = openai_tokens.encoding_name(model)
+    if name is None:
+        return HEURISTIC_COUNT
+    reason = openai_tokens.missing_reason(name)
+    if reason is not None:
+        return CountMethod("heuristic", name, reason)
+    return CountMethod("tiktoken", name)
+
+
+def openai_texts(body: Mapping[str, Any]) -> tuple[list[str], int]:
+    """The texts of a body that OpenAI tokenizes, and the framing tokens around them."""
+    if is_completion_body(body):
+        return [_content_text(body.get("prompt")), _optional_text(body.get("suffix")) or ""], 0
+    texts: list[str] = []
+    framing = OPENAI_REPLY_TOKENS
+    for message in body.get("messages") or []:
+        framing += OPENAI_TOKENS_PER_MESSAGE
+        texts.append(str(message.get("role", "")))
+        texts.append(_content_text(message.get("content")))
+        if message.get("name"):
+            framing += OPENAI_TOKENS_PER_NAME
+            texts.append(str(message["name"]))
+        texts += [name + arguments for name, arguments in _tool_call_parts(message)]
+    texts.append(tools_text(body.get("tools")))
+    return texts, framing
+
+
+def has_tool_text(body: Mapping[str, Any]) -> bool:
+    """Whether a body has tool definitions or tool calls (counted approximately for OpenAI)."""
+    if body.get("tools"):
+        return True
+    return any(_tool_call_parts(message) for message in body.get("messages") or [])
+
+
+def _tiktoken_counts(encoding: str, bodies: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Prompt tokens of OpenAI ``bodies``, all texts encoded in one batch."""
+    texts: list[str] = []
+    spans: list[tuple[int, int, int]] = []
+    for body in bodies:
+        found, framing = openai_texts(body)
+        spans.append((len(texts), len(texts) + len(found), framing))
+        texts += found
+    counts = openai_tokens.count_texts(encoding, texts)
+    return [sum(counts[start:end]) + framing for start, end, framing in spans]
+
+
 def count_prompt_tokens(
     bodies: Sequence[Mapping[str, Any]],
 ) -> list[int]:
-    """Prompt tokens of chat-completions or completions request bodies, exact for DeepSeek.
+    """Prompt tokens of chat-completions or completions request bodies.
 
     Each body carries ``model`` and either ``messages`` (chat, with optional ``tools``) or
     ``prompt`` (and optional ``suffix``: FIM). DeepSeek bodies are laid out with
-    :func:`deepseek_layout` and counted exactly in one batch; other models get the heuristic.
+    :func:`deepseek_layout` and counted exactly in one batch; OpenAI bodies are counted with
+    tiktoken where its encoding is available offline; other models get the heuristic
+    (:func:`count_method` says which).
     """
     counts = [0] * len(bodies)
     exact_index: list[int] = []
     exact_text: list[str] = []
+    by_encoding: dict[str, list[int]] = {}
     for index, body in enumerate(bodies):
-        if is_deepseek_model(str(body.get("model", ""))):
+        method = count_method(str(body.get("model", "")))
+        if method.kind == "deepseek":
             exact_index.append(index)
             exact_text.append(deepseek_layout(body))
+        elif method.kind == "tiktoken" and method.encoding is not None:
+            by_encoding.setdefault(method.encoding, []).append(index)
         else:
             counts[index] = heuristic_prompt_tokens(body)
     for index, count in zip(exact_index, count_text_tokens(exact_text), strict=True):
         counts[index] = count
+    for encoding, indexes in by_encoding.items():
+        found = _tiktoken_counts(encoding, [bodies[i] for i in indexes])
+        for index, count in zip(indexes, found, strict=True):
+            counts[index] = count
     return counts

@@ -7,6 +7,8 @@
       runs.jsonl      one line when a run starts and one when it ends, with how it ended
       sent/           requests about to be sent        (see pipeline.state.journal)
       results/        finished rows                    (see pipeline.state.journal)
+      timeline/       each run's attempts and in-flight cap, for `pipeline report`
+                                                       (see pipeline.state.timeline)
 
 A run that has a start line and no end line did not finish: it was killed (SIGKILL, power
 loss, a crash). Requests of the last run that were sent but have no result are *unanswered*
