@@ -73,7 +73,10 @@ def test_budget_without_price_or_max_tokens_is_one_line_before_sending(tmp_path:
     runner = Runner(job, api_key=None, transport=script.transport())
     warnings = runner.warnings()
     assert any("max_tokens is not" in w for w in warnings)
-    with pytest.raises(JobFileError, match=r"\[budget\] max_cost_usd: needs a price"):
+    with pytest.raises(
+        JobFileError,
+        match=r"\[budget\] max_cost_usd \(or --max-cost\): needs a price.*--price input=",
+    ):
         runner.prepare()
     assert script.requests == []
 
@@ -166,3 +169,12 @@ def test_verbose_quiet_and_a_log_file(tmp_path: Path, local_server: Callable[...
     assert quiet.exit_code == 3
     assert "summary" not in quiet.output
     assert "row " not in quiet.output
+
+
+def test_row_messages_name_the_rows_id() -> None:
+    """-v and --log-file lines name a row by its number and, with an id column, its id."""
+    from pipeline.rows.plan import PlannedRow
+
+    assert PlannedRow(17, "k", None, None, id="r-42").describe() == "row 17 (id r-42)"
+    assert PlannedRow(17, "k", None, None, id="17").describe() == "row 17"
+    assert PlannedRow(17, "k", None, None).describe() == "row 17"

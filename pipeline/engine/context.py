@@ -132,12 +132,14 @@ class JobContext:
     def check_priced(self) -> None:
         """A budget needs a price to enforce."""
         if self.job.budget.max_cost_usd is not None and self.price is None:
+            request = self.job.request
+            where = "the built-in server" if request.local else request.base_url
             raise JobFileError(
                 self.job.source,
-                "[budget] max_cost_usd",
-                f"needs a price, and {self.job.request.model} at {self.job.request.base_url} "
-                "has none built in.",
-                "Add [pricing] input and output (USD per million tokens).",
+                "[budget] max_cost_usd (or --max-cost)",
+                f"needs a price, and {request.model} at {where} has no known price.",
+                "Pass --price input=USD,output=USD (per million tokens) or add [pricing] "
+                "input and output to the job file.",
             )
 
     def learned_limit(self) -> LearnedLimit | None:

@@ -121,7 +121,7 @@ class RowSender:
 
     def unrenderable(self, planned: PlannedRow) -> RowResult:
         """The result of a row whose request could not be made (nothing is sent)."""
-        self._event(f"row {planned.row}: not sent: {planned.failure}")
+        self._event(f"{planned.describe()}: not sent: {planned.failure}")
         return RowResult(
             key=planned.key,
             row=planned.row,
@@ -142,7 +142,7 @@ class RowSender:
             try:
                 attempt = await self._attempt(row, intent if row.attempts == 0 else None)
             except NeverFitsError as exc:
-                self._event(f"row {planned.row}: not sent: {exc.reason}")
+                self._event(f"{planned.describe()}: not sent: {exc.reason}")
                 return self._finish(planned, row, None, error=f"not sent: {exc.reason}")
             except OverBudget:
                 return self._abandon(planned, row)
@@ -172,11 +172,12 @@ class RowSender:
                 return self._abandon(planned, row)
             if isinstance(decision, retry.GiveUp):
                 self._event(
-                    f"row {planned.row}: failed after {row.attempts} attempt(s): {decision.reason}"
+                    f"{planned.describe()}: failed after {row.attempts} attempt(s): "
+                    f"{decision.reason}"
                 )
                 return self._finish(planned, row, attempt, error=decision.reason)
             self._event(
-                f"row {planned.row}: attempt {row.attempts} failed ({detail}); trying again in "
+                f"{planned.describe()}: attempt {row.attempts} failed ({detail}); trying again in "
                 f"{decision.after_s:.1f} s"
             )
             self._stats.retries += 1
@@ -214,14 +215,14 @@ class RowSender:
             reply, body=row.body, reasks=row.reasks, output_tokens=output, rules=self._rules
         )
         if isinstance(verdict, AskAgain):
-            self._event(f"row {planned.row}: the answer broke the output schema; asking again")
+            self._event(f"{planned.describe()}: the answer broke the output schema; asking again")
             row.reasks += 1
             self._stats.reasks += 1
             row.body = verdict.body
             row.prompt_tokens += verdict.added_tokens
             return None
         if isinstance(verdict, Fail):
-            self._event(f"row {planned.row}: failed: {verdict.error}")
+            self._event(f"{planned.describe()}: failed: {verdict.error}")
             return self._finish(planned, row, attempt, error=verdict.error)
         return self._finish(planned, row, attempt, error=None, structured=verdict.structured)
 

@@ -352,11 +352,17 @@ class BatchPlanner:
             row_id = str(index) if custom_id is None else str(custom_id)
             failure = self._unplannable(custom_id, text)
             if failure is not None:
-                yield PlannedRow(index, request_key(self.url, b"", row_id), None, failure), None
+                yield (
+                    PlannedRow(index, request_key(self.url, b"", row_id), None, failure, id=row_id),
+                    None,
+                )
                 continue
             body = self.body(json.loads(text))
             encoded = encode_body(body)
-            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None), body
+            yield (
+                PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None, id=row_id),
+                body,
+            )
 
     def _unplannable(self, custom_id: Any, text: Any) -> str | None:
         if custom_id is None:

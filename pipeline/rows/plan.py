@@ -26,6 +26,14 @@ class PlannedRow:
     failure: str | None
     prompt_tokens: int | None = None
     """The prompt's token count (exact for DeepSeek models), when it was counted."""
+    id: str | None = None
+    """The row's id (its ``id_column`` value, else its number), for messages."""
+
+    def describe(self) -> str:
+        """How messages name the row: ``row 17`` or, with an id column, ``row 17 (id r-42)``."""
+        if self.id is None or self.id == str(self.row):
+            return f"row {self.row}"
+        return f"row {self.row} (id {self.id})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,10 +86,13 @@ class Planner:
             body = self.template.body(row)
             if isinstance(body, RenderFailure):
                 key = request_key(self.url, b"", row_id)
-                yield PlannedRow(index, key, None, body.reason), None
+                yield PlannedRow(index, key, None, body.reason, id=row_id), None
                 continue
             encoded = encode_body(body)
-            yield PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None), body
+            yield (
+                PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None, id=row_id),
+                body,
+            )
 
 
 def with_prompt_tokens(rows: list[PlannedRow]) -> list[PlannedRow]:
