@@ -37,33 +37,11 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from estimate_large import WORDS  # noqa: E402  (the same review vocabulary)
+
 from pipeline.io import remote  # noqa: E402
 from pipeline.io.sources import iter_batches, resolve_input, scan_input  # noqa: E402
 
-WORDS = [
-    "the",
-    "a",
-    "battery",
-    "screen",
-    "price",
-    "shipping",
-    "quality",
-    "arrived",
-    "broken",
-    "works",
-    "great",
-    "terrible",
-    "excellent",
-    "refund",
-    "support",
-    "customer",
-    "weeks",
-    "months",
-    "sound",
-    "camera",
-    "light",
-    "heavy",
-]
 ROW_GROUP = 131_072
 BATCH_ROWS = 2048
 

@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -387,10 +386,10 @@ def budget_stop_message(report: RunReport) -> str:
         f"finished rows are kept in {report.state_dir}."
     )
     rest = report.cost_of_the_rest()
-    if rest is None:
+    cap = report.cap_to_finish()
+    if rest is None or cap is None:
         return head + " Raise max_cost and call again; finished rows are not sent again."
     return head + (
         f" They would cost about ${rest:.6f} more at this run's cost per row: call again with "
-        f"max_cost={budget.spent + rest * Decimal('1.1'):.6f} (10% to spare); finished rows "
-        "are not sent again."
+        f"max_cost={cap:.6f} (10% to spare); finished rows are not sent again."
     )

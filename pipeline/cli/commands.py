@@ -205,10 +205,6 @@ def run(
     sys.exit(EXIT_OK if report.all_ok else EXIT_ROWS_FAILED)
 
 
-SPARE = Decimal("1.1")
-"""The cap suggested after a budget stop covers the rest of the job with 10% to spare."""
-
-
 def budget_stop_message(report: RunReport, job: JobSpec, job_file: str) -> str:
     """What to do after a stop at the budget: running the same command again would stop
     again at once, so say by how much to raise the cap."""
@@ -220,7 +216,8 @@ def budget_stop_message(report: RunReport, job: JobSpec, job_file: str) -> str:
         f"{job.output.state_path}."
     )
     rest = report.cost_of_the_rest()
-    if rest is None:
+    cap = report.cap_to_finish()
+    if rest is None or cap is None:
         advice = (
             f" {report.rows_left:,} rows are left: see what they cost with `pipeline estimate "
             f"{job_file}`, then raise [budget] max_cost_usd (or --max-cost) above "
@@ -232,7 +229,7 @@ def budget_stop_message(report: RunReport, job: JobSpec, job_file: str) -> str:
         advice = (
             f" {report.rows_left:,} rows are left, about ${rest:.6f} more at this run's "
             f"${per_row:.6f} a row: raise [budget] max_cost_usd (or --max-cost) to at least "
-            f"${budget.spent + rest * SPARE:.6f} (10% to spare)"
+            f"${cap:.6f} (10% to spare)"
         )
     return head + advice + " and run the same command again; finished rows are not sent again."
 

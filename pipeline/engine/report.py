@@ -13,6 +13,9 @@ from pipeline.job.spec import JobSpec
 from pipeline.money.budget import Budget
 from pipeline.state.runs import COMPLETED, INTERRUPTED, OVER_BUDGET, Unanswered
 
+SPARE = Decimal("1.1")
+"""The cap suggested after a budget stop covers the rest of the job with 10% to spare."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunReport:
@@ -44,6 +47,15 @@ class RunReport:
         if cost is None or finished == 0:
             return None
         return cost / finished * self.rows_left
+
+    def cap_to_finish(self) -> Decimal | None:
+        """The budget cap that finishes the job: what is spent, plus the rest of the job at
+        this run's cost per row with :data:`SPARE` to spare (None when the rest's cost is not
+        known)."""
+        rest = self.cost_of_the_rest()
+        if rest is None or self.budget is None:
+            return None
+        return self.budget.spent + rest * SPARE
 
     @property
     def all_ok(self) -> bool:
