@@ -67,7 +67,7 @@ def job_for_call(
     :class:`~pipeline.errors.UsageError` naming it; a bad job a
     :class:`~pipeline.errors.JobFileError`.
     """
-    flags, price = _overrides(overrides, caller=caller, local=local, rows=rows_name is not None)
+    flags = _overrides(overrides, caller=caller, local=local, rows=rows_name is not None)
     spec = _spec(job, rows=rows_name is not None)
     if rows_name is not None:
         if spec.input.format == "openai-batch":
@@ -76,10 +76,7 @@ def job_for_call(
                 "file; rows= is for jobs whose prompt is a template over columns."
             )
         flags = replace(flags, input=rows_name)
-    spec = apply_overrides(spec, flags)
-    if price is not None:
-        spec = replace(spec, pricing=price.over(spec.pricing))
-    return spec
+    return apply_overrides(spec, flags)
 
 
 def _spec(job: JobLike, *, rows: bool) -> JobSpec:
@@ -127,9 +124,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _overrides(
-    values: Mapping[str, Any], *, caller: str, local: bool, rows: bool
-) -> tuple[Overrides, PriceOverride | None]:
+def _overrides(values: Mapping[str, Any], *, caller: str, local: bool, rows: bool) -> Overrides:
     """The keyword overrides, checked: what the command line's flags would have said."""
     unknown = [name for name in values if name not in OVERRIDES]
     if unknown:
@@ -157,16 +152,16 @@ def _overrides(
         raise UsageError(f"{caller}(): give rows= or input=, not both.")
     if local and got.get("base_url") is not None:
         raise UsageError(f"{caller}(): local=True and base_url= cannot be used together.")
-    flags = Overrides(
+    return Overrides(
         input=got.get("input"),
         output=got.get("output"),
         base_url=got.get("base_url"),
         limit=limit,
         max_cost=None if got.get("max_cost") is None else _usd(got["max_cost"], wrong),
         model=got.get("model"),
+        price=_price(got.get("price"), wrong),
         local=local,
     )
-    return flags, _price(got.get("price"), wrong)
 
 
 def _usd(value: Any, wrong: _Wrong) -> Decimal:

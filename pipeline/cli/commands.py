@@ -23,7 +23,6 @@ from pipeline.cli.common import (
     report_errors,
     show_notices,
     tune_gc,
-    with_price,
 )
 from pipeline.errors import (
     EXIT_INTERRUPTED,
@@ -146,9 +145,9 @@ def run(
         limit=limit,
         max_cost=None if max_cost is None else Decimal(str(max_cost)),
         model=model,
+        price=price_option(price_text),
         local=local,
     )
-    price = price_option(price_text)
     job = apply_overrides(
         load_job_or_batch(
             job_file,
@@ -161,7 +160,6 @@ def run(
         ),
         overrides,
     )
-    job = with_price(job, price)
     show_notices(job)
     api_key = api_key_for(job)
     if verbose and quiet:

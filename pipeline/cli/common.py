@@ -51,13 +51,6 @@ def price_option(text: str | None) -> PriceOverride | None:
         raise UsageError(f"--price {text!r}: {exc}.") from None
 
 
-def with_price(job: JobSpec, price: PriceOverride | None) -> JobSpec:
-    """The job with ``--price`` on top of its ``[pricing]``."""
-    if price is None:
-        return job
-    return replace(job, pricing=price.over(job.pricing))
-
-
 def tune_gc() -> None:
     """Collect reference cycles rarely during a run.
 

@@ -29,7 +29,6 @@ from pipeline.cli.common import (
     price_option,
     report_errors,
     show_notices,
-    with_price,
 )
 from pipeline.cli.display import duration as clock
 from pipeline.cli.display import money
@@ -139,7 +138,6 @@ def estimate(
     """Estimate JOB_FILE's tokens, cost and duration; sends nothing (except --sample)."""
     if local and base_url:
         raise click.UsageError("--local and --base-url cannot be used together.")
-    price = price_option(price_text)
     job = apply_overrides(
         load_to_read(job_file, limit=limit),
         Overrides(
@@ -148,10 +146,10 @@ def estimate(
             base_url=base_url,
             limit=limit,
             model=model,
+            price=price_option(price_text),
             local=local,
         ),
     )
-    job = with_price(job, price)
     show_notices(job)
     if per_row is not None and per_row.suffix.lower() != ".parquet":
         raise UsageError(f"--rows-to {per_row}: per-row estimates are written as .parquet.")

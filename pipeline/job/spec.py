@@ -192,6 +192,8 @@ class Overrides:
     limit: int | None = None
     max_cost: Decimal | None = None
     model: str | None = None
+    price: PriceOverride | None = None
+    """``--price``: over the job's ``[pricing]``."""
     local: bool = False
     """The built-in server's side of the job (``--local``): its own request keys, output and
     state, never summed with the real endpoint's (see :func:`local_side`)."""
@@ -235,6 +237,9 @@ def apply_overrides(job: JobSpec, overrides: Overrides) -> JobSpec:
         request = replace(request, model=overrides.model, model_override=True)
     if overrides.local:
         request = replace(request, identity=LOCAL_IDENTITY)
+    pricing = job.pricing
+    if overrides.price is not None:
+        pricing = overrides.price.over(pricing)
     budget = job.budget
     if overrides.max_cost is not None:
         budget = replace(budget, max_cost_usd=overrides.max_cost)
@@ -244,6 +249,7 @@ def apply_overrides(job: JobSpec, overrides: Overrides) -> JobSpec:
         input=input_spec,
         output=output_spec,
         request=request,
+        pricing=pricing,
         budget=budget,
         notices=notices,
     )
