@@ -529,7 +529,7 @@ def test_re_asked_prompts_seen_in_history_count_in_the_expected_input(
     data = estimate_json(job, *reviews, "--base-url", base)
     assert data["rows"]["to_send"] == 260
     tokens = data["input_tokens"]
-    journal = StateFolder(load_job(job).output.state_path).journal
+    journal = StateFolder(load_job(job).state_path).journal
     sampled = list(journal.iter_results())
     reasks = sum(r.reasks for r in sampled)
     assert reasks > 0  # at rate 0.5, some of the 40 were asked again

@@ -55,7 +55,7 @@ def test_a_refused_connection_is_not_counted_as_possibly_billed(tmp_path: Path) 
     runner = Runner(job, api_key=None, options=RunOptions(batch_rows=8))
     with pytest.raises(ProviderError, match="cannot reach"):
         anyio.run(runner.run, runner.prepare())
-    state = StateFolder(job.output.state_path)
+    state = StateFolder(job.state_path)
     last = state.history()[-1]
     assert last.summary is not None
     assert last.summary["unanswered"] == 0

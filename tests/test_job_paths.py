@@ -66,7 +66,7 @@ def test_paths_are_relative_to_the_job_files_folder(tmp_path: Path, elsewhere: P
     )
     assert job.input.path == str(tmp_path / "data" / "in.parquet")
     assert job.output.path == str(tmp_path / "out" / "result.parquet")
-    assert job.output.state_path == tmp_path / "jobs" / "state"
+    assert job.state_path == tmp_path / "jobs" / "state"
     assert job.notices == ()
     assert JobContext(job).scan().rows == 3
 
@@ -77,7 +77,7 @@ def test_a_relative_job_path_gives_paths_relative_to_the_current_folder(
     _write_job(tmp_path / "jobs" / "job.toml", input_="in.parquet", output="out.parquet")
     job = load_job("../jobs/job.toml")
     assert job.input.path == "../jobs/in.parquet"
-    assert job.output.state_path == Path("../jobs/out.parquet.state")
+    assert job.state_path == Path("../jobs/out.parquet.state")
     assert parse_job(Path("../jobs/job.toml").read_text(), "jobs/x.toml").output.path == (
         "jobs/out.parquet"
     )
@@ -136,7 +136,7 @@ def test_command_line_paths_stay_relative_to_the_current_folder(
     job = load_job(_write_job(tmp_path / "jobs" / "job.toml", input_="in.parquet", output="o"))
     job = apply_overrides(job, Overrides(input="mine.parquet", output="result.parquet"))
     assert job.input.path == "mine.parquet"
-    assert job.output.state_path == Path("result.parquet.state")
+    assert job.state_path == Path("result.parquet.state")
     assert JobContext(job).scan().rows == 3
 
 
@@ -202,7 +202,7 @@ def test_an_existing_state_from_the_current_folder_is_kept_with_a_notice(
     path = _write_job(tmp_path / "jobs" / "job.toml", input_="in.parquet", output="out/r.parquet")
     job = load_job(path)
     assert job.output.path == "out/r.parquet"
-    assert job.output.state_path == Path("out/r.parquet.state")
+    assert job.state_path == Path("out/r.parquet.state")
     (notice,) = job.notices
     assert notice.key == "[output] path"
     assert "the job's state (its finished rows) is in 'out/r.parquet.state'" in str(notice)
@@ -227,7 +227,7 @@ def test_an_existing_state_dir_from_the_current_folder_is_kept_with_a_notice(
             extra='state_dir = "state"',
         )
     )
-    assert job.output.state_path == Path("state")
+    assert job.state_path == Path("state")
     assert job.output.path == str(tmp_path / "r.parquet")
     assert [n.key for n in job.notices] == ["[output] state_dir"]
 

@@ -40,7 +40,7 @@ def test_good_job_parses_to_frozen_values() -> None:
     assert job.limits.max_in_flight == 8
     assert job.limits.max_attempts == 6
     assert job.output.keep_columns == ("product",)
-    assert job.output.state_path == Path("out.parquet.state")
+    assert job.state_path == Path("out.parquet.state")
     with pytest.raises(AttributeError):
         job.name = "other"  # type: ignore[misc]
 

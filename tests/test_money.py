@@ -133,7 +133,7 @@ def test_a_capped_run_stops_keeps_its_rows_and_a_higher_cap_finishes(tmp_path: P
     assert first.budget is not None
     assert first.budget.spent <= cap
     assert 0 < first.final.ok < 60
-    kept = {r.key for r in StateFolder(job.output.state_path).journal.iter_results()}
+    kept = {r.key for r in StateFolder(job.state_path).journal.iter_results()}
     assert len(kept) == first.final.ok  # every completed row is in the journal
     summary = json.loads(summary_path(job.output.path).read_text())
     assert summary["ended"] == "over_budget"
@@ -145,7 +145,7 @@ def test_a_capped_run_stops_keeps_its_rows_and_a_higher_cap_finishes(tmp_path: P
     assert second.final.ok == 60 - first.final.ok
     assert max(provider.sent.values()) == 1  # no completed row was sent again
     assert len(provider.sent) == 60
-    total = StateFolder(job.output.state_path).spent_usd()
+    total = StateFolder(job.state_path).spent_usd()
     assert total == per_row * 60
 
 
@@ -153,7 +153,7 @@ def test_the_cap_counts_what_earlier_runs_spent(tmp_path: Path) -> None:
     job = _job(tmp_path, rows=20)
     provider = Recorder()
     _run(job, provider)
-    spent = StateFolder(job.output.state_path).spent_usd()
+    spent = StateFolder(job.state_path).spent_usd()
     assert spent is not None
     assert spent > 0
     # Twenty more rows against a cap already used up: nothing is sent.
@@ -164,7 +164,7 @@ def test_the_cap_counts_what_earlier_runs_spent(tmp_path: Path) -> None:
     # --fresh forgets the earlier runs' spend along with their results.
     report = _run(apply_overrides(more, Overrides(max_cost=Decimal(1))), provider, fresh=True)
     assert report.final.ok == 40
-    assert StateFolder(job.output.state_path).spent_usd() == report.final.cost_usd
+    assert StateFolder(job.state_path).spent_usd() == report.final.cost_usd
 
 
 def test_a_budget_needs_a_price(tmp_path: Path) -> None:
@@ -235,9 +235,7 @@ def test_billed_attempts_of_a_row_a_stop_interrupts_are_kept_and_the_row_is_sent
     first = anyio.run(runner.run, runner.prepare())
     assert first.interrupted
     stopped = [
-        r
-        for r in StateFolder(job.output.state_path).journal.iter_results()
-        if r.status == "stopped"
+        r for r in StateFolder(job.state_path).journal.iter_results() if r.status == "stopped"
     ]
     assert [(r.row, r.usage.prompt_tokens, r.attempts) for r in stopped] == [(1, PROMPT_TOKENS, 1)]
     assert first.final.usage.prompt_tokens >= PROMPT_TOKENS  # counted in this run's spend
@@ -248,5 +246,5 @@ def test_billed_attempts_of_a_row_a_stop_interrupts_are_kept_and_the_row_is_sent
     assert calls["t1"] == 2  # sent again: a stopped row is not done
     out = pq.read_table(job.output.path).to_pylist()
     assert [row["status"] for row in out] == ["ok", "ok", "ok"]
-    spent = StateFolder(job.output.state_path).spent_usd()
+    spent = StateFolder(job.state_path).spent_usd()
     assert spent == first.final.cost_usd + second.final.cost_usd

@@ -457,17 +457,15 @@ path = "s3://b/out/labels.parquet"
     job = parse_job(text, tmp_path / "jobs" / "job.toml")
     assert job.input.path == "hf://datasets/u/r/data/*.parquet"
     assert job.output.path == "s3://b/out/labels.parquet"
-    assert job.output.state_path == Path(".pipeline/state/my_labels_v2")
+    assert job.state_path == Path(".pipeline/state/my_labels_v2")
     local = apply_overrides(job, Overrides(local=True))
     assert local.output.path == "s3://b/out/labels.local.parquet"
-    assert local.output.state_path == Path(".pipeline/state/my_labels_v2/local")
+    assert local.state_path == Path(".pipeline/state/my_labels_v2/local")
     moved = apply_overrides(job, Overrides(output="gs://c/x.parquet"))
-    assert moved.output.state_path == Path(".pipeline/state/my_labels_v2")
+    assert moved.state_path == Path(".pipeline/state/my_labels_v2")
     explicit = parse_job(text + 'state_dir = "st"\n', tmp_path / "jobs" / "job.toml")
-    assert explicit.output.state_path == tmp_path / "jobs" / "st"  # an explicit one still wins
-    assert apply_overrides(job, Overrides(output="o.parquet")).output.state_path == Path(
-        "o.parquet.state"
-    )
+    assert explicit.state_path == tmp_path / "jobs" / "st"  # an explicit one still wins
+    assert apply_overrides(job, Overrides(output="o.parquet")).state_path == Path("o.parquet.state")
 
 
 # ---------------------------------------------------------------------------------------------

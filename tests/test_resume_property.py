@@ -125,7 +125,7 @@ def test_no_row_lost_or_duplicated_across_crashes(
     provider.crash_at = None
     run_once(job, provider, retry_failed=True)
 
-    history = StateFolder(job.output.state_path).history()
+    history = StateFolder(job.state_path).history()
     assert len(history) == len(crashes) + 1
     assert history[-1].how == "completed"
     if crashes and crashes[0] <= rows:  # the first run sends every row, so this crash hits

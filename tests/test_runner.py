@@ -272,7 +272,7 @@ def test_finished_batches_are_sealed_and_skipped_unplanned(
 ) -> None:
     job = make_job(tmp_path, rows=30)
     run(job, echo)
-    seals = SealBook(job.output.state_path).read()
+    seals = SealBook(job.state_path).read()
     assert sorted(seals) == [0, 7, 14, 21, 28]  # batch_rows is 7 in these tests
     assert sum(seal.ok for seal in seals.values()) == 30
     planned = count_planned_rows(monkeypatch)

@@ -276,7 +276,7 @@ def _run_blocking(session: _Session, *, signals: bool) -> RunReport:
             return wait_for(future)
         except KeyboardInterrupt:
             _interrupt(portal, future, session)
-            raise interrupted(session.job.name, session.job.output.state_path) from None
+            raise interrupted(session.job.name, session.job.state_path) from None
 
 
 def _interrupt(

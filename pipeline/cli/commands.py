@@ -181,7 +181,7 @@ def run(
         except KeyboardInterrupt:
             reporter.close()
             click.echo(
-                f"\ninterrupted: finished rows are saved in {target.output.state_path}. "
+                f"\ninterrupted: finished rows are saved in {target.state_path}. "
                 "Run the same command again to resume.",
                 err=True,
             )
@@ -192,7 +192,7 @@ def run(
         click.echo(report_hint(job_file, local=local, output=output_path), err=True)
     if report.interrupted:
         click.echo(
-            f"interrupted: finished rows are saved in {target.output.state_path}. "
+            f"interrupted: finished rows are saved in {target.state_path}. "
             "Run the same command again to resume.",
             err=True,
         )
@@ -211,7 +211,7 @@ def budget_stop_message(report: RunReport, job: JobSpec, job_file: str) -> str:
     head = (
         f"stopped at the budget: ${budget.spent:.6f} spent of the ${budget.cap} cap, and the "
         f"next request could have passed it. Finished rows are kept in "
-        f"{job.output.state_path}."
+        f"{job.state_path}."
     )
     rest = report.cost_of_the_rest()
     cap = report.cap_to_finish()

@@ -90,7 +90,7 @@ class JobContext:
             attempts_per_row=1 + job.output.max_reasks if job.output.schema else 1,
         )
         """What a row can cost at most, and what it reserves from a tokens/min budget."""
-        self.state = StateFolder(job.output.state_path)
+        self.state = StateFolder(job.state_path)
         self.journal: Journal = self.state.journal
         self.seals = SealBook(self.state.folder)
 
@@ -126,7 +126,7 @@ class JobContext:
             where = "[output] path (or --output)"
             check_writable(job.output.path, job_source=job.source, key=where)
         where = "[output] state_dir (or the output's folder)"
-        check_writable(job.output.state_path, job_source=job.source, key=where, folder=True)
+        check_writable(job.state_path, job_source=job.source, key=where, folder=True)
         self.check_priced()
 
     def check_priced(self) -> None:

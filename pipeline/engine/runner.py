@@ -239,7 +239,7 @@ class Runner:
         output: OrderedOutput | None = None
         if self.options.write_output:
             sink = OutputWriter(
-                self.job.output.path, self.job.output.schema, staging=self.job.output.state_path
+                self.job.output.path, self.job.output.schema, staging=self.job.state_path
             )
             if self.options.select_rows is None:
                 output = OrderedOutput(self.options.output_waiting_rows)

@@ -82,7 +82,7 @@ def write_summary(job: JobSpec, report: RunReport, summary: dict[str, Any]) -> P
         },
         "this_run": summary,
     }
-    path = summary_path(job.output.path, job.output.state_path)
+    path = summary_path(job.output.path, job.state_path)
     tmp = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

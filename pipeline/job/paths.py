@@ -110,7 +110,7 @@ def resolve_paths(
 
 
 def _state_folder(output: str, state_dir: str | None) -> str:
-    """Where the state is kept: as :attr:`pipeline.job.spec.OutputSpec.state_path` says."""
+    """Where the state is kept: as :attr:`pipeline.job.spec.JobSpec.state_path` says."""
     if state_dir is not None:
         return state_dir
     out = Path(output)

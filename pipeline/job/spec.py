@@ -119,21 +119,6 @@ class OutputSpec:
     schema_enforced: bool = False
     """The provider enforces :attr:`schema` (a ``json_schema`` response format with
     ``strict = true``), so it is not repeated in the prompt."""
-    job_name: str = ""
-    """The job's name (filled in by :class:`JobSpec`): names the local state folder of an
-    output in object storage."""
-
-    @property
-    def state_path(self) -> Path:
-        """The job's state folder: configured, or ``<output>.state`` beside the output; for an
-        output in object storage (a URL), ``.pipeline/state/<job name>`` under the current
-        folder, since the state needs appends and fsync."""
-        if self.state_dir is not None:
-            return Path(self.state_dir)
-        if is_url(self.path):
-            return local_state_folder(self.job_name, self.path)
-        out = Path(self.path)
-        return out.with_name(out.name + ".state")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +155,18 @@ class JobSpec:
     notices: tuple[Notice, ...] = ()
     """Warnings from loading the job file, to show before anything runs (see :class:`Notice`)."""
 
-    def __post_init__(self) -> None:
-        if self.output.job_name != self.name:  # the output's state folder may be named after it
-            object.__setattr__(self, "output", replace(self.output, job_name=self.name))
+    @property
+    def state_path(self) -> Path:
+        """The job's state folder: ``[output] state_dir``, or ``<output>.state`` beside the
+        output; for an output in object storage (a URL), ``.pipeline/state/<job name>`` under
+        the current folder, since the state needs appends and fsync."""
+        output = self.output
+        if output.state_dir is not None:
+            return Path(output.state_dir)
+        if is_url(output.path):
+            return local_state_folder(self.name, output.path)
+        out = Path(output.path)
+        return out.with_name(out.name + ".state")
 
     def api_key(self) -> str | None:
         """The API key from the environment variable the job names (never stored)."""
@@ -199,12 +193,13 @@ class Overrides:
     state, never summed with the real endpoint's (see :func:`local_side`)."""
 
 
-def local_side(output: OutputSpec, *, renamed: bool) -> OutputSpec:
+def local_side(job: JobSpec, output: OutputSpec, *, renamed: bool) -> OutputSpec:
     """Where a job's ``--local`` runs keep their results: a state folder of their own inside
     the job's (``<state>/local``), so that their spend, learned limits and history are never
     summed with the real endpoint's, and, when ``renamed``, an output of their own
-    (``labels.parquet`` -> ``labels.local.parquet``) that a real run never overwrites."""
-    state = output.state_path / LOCAL_STATE
+    (``labels.parquet`` -> ``labels.local.parquet``) that a real run never overwrites.
+    ``output`` is ``job``'s output with ``--output`` applied."""
+    state = replace(job, output=output).state_path / LOCAL_STATE
     path = output.path
     if renamed and is_url(path):
         name = Path(url_name(path))
@@ -229,7 +224,7 @@ def apply_overrides(job: JobSpec, overrides: Overrides) -> JobSpec:
         output_spec = replace(output_spec, path=overrides.output)
         moot.add("[output] path")
     if overrides.local:
-        output_spec = local_side(output_spec, renamed=overrides.output is None)
+        output_spec = local_side(job, output_spec, renamed=overrides.output is None)
     request = job.request
     if overrides.base_url is not None:
         request = replace(request, base_url=overrides.base_url.rstrip("/"))

@@ -16,7 +16,7 @@ def default_path(job: JobSpec) -> Path:
     storage (a URL) has its report beside the state folder instead, on this machine."""
     output = job.output.path
     if "://" in output:
-        state = job.output.state_path
+        state = job.state_path
         return state.with_name(f"{state.name}.report.html")
     path = Path(output)
     return path.with_name(f"{path.stem}.report.html")
