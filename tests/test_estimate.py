@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,22 @@ path = "out.parquet"
     assert data["output_tokens"]["expected"] == 5 * 393_216
 
 
+def test_online_and_batch_side_by_side_for_an_endpoint_with_batches(
+    tmp_path: Path, sample_jobs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    job = str(sample_jobs / "label_reviews.toml")
+    openai = ("--base-url", "https://api.openai.com/v1", "--price", "input=0.15,output=0.6")
+    data = estimate_json(job, "--input", str(REVIEWS), *openai)
+    assert data["batch"]["discount"] == "0.5"
+    online = Decimal(data["cost_usd"]["to_send"]["expected"])
+    assert Decimal(data["batch"]["expected_usd"]) == online / 2
+    code, output = run_estimate(job, "--input", str(REVIEWS), "--local")
+    assert code == 0, output
+    assert "online / batch mode" in output
+    assert "in batch" in output
+
+
 def test_json_shape(tmp_path: Path, sample_jobs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     data = estimate_json(str(sample_jobs / "label_reviews.toml"), "--input", str(REVIEWS))
@@ -405,7 +422,9 @@ def test_json_shape(tmp_path: Path, sample_jobs: Path, monkeypatch: pytest.Monke
         "checks",
         "warnings",
         "per_row_output",
+        "batch",
     }
+    assert data["batch"] is None  # WaveSpeedAI has no Batch API
     assert data["input_tokens"]["total"] == 17_826
     assert data["output_tokens"]["source"] == "max_tokens"
     costs = data["cost_usd"]

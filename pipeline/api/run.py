@@ -35,7 +35,7 @@ from pipeline.api.endpoint import api_key_for, endpoint, loop_options
 from pipeline.api.jobs import JobLike, job_for_call
 from pipeline.engine.report import Reporter, RunReport
 from pipeline.engine.runner import Runner, RunOptions
-from pipeline.errors import EXIT_OVER_BUDGET, PipelineError
+from pipeline.errors import EXIT_OVER_BUDGET, PipelineError, UsageError
 from pipeline.io import tables
 from pipeline.job.spec import JobSpec
 from pipeline.provider.redact import redact
@@ -181,6 +181,12 @@ def prepared_job(
         if rows is not None:
             name = stack.enter_context(tables.registered(tables.as_table(rows)))
         spec = job_for_call(job, caller=caller, rows_name=name, local=local, overrides=overrides)
+        if spec.request.mode == "batch" and caller != "estimate_job":
+            raise UsageError(
+                f'{caller}(): [request] mode = "batch" runs from the command line (pipeline '
+                "run JOB, which can wait for the provider's batches for hours); the Python "
+                'API sends rows online: give a job with mode = "online".'
+            )
         for notice in spec.notices:
             log.warning("%s", redact(str(notice), None))
         yield spec

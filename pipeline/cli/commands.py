@@ -100,6 +100,18 @@ def cli() -> None:
     show_default=True,
     help="OpenAI batch file: the environment variable holding the API key.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["online", "batch"]),
+    help="online: one request per row now; batch: the provider's Batch API, at its batch "
+    "price (default: [request] mode).",
+)
+@click.option("--detach", is_flag=True, help="Batch mode: submit the batches and return.")
+@click.option(
+    "--fallback",
+    type=click.Choice(["online"]),
+    help="Batch mode: send rows of expired or failed batches online instead of again.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Also print every retry and failed row.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors.")
 @click.option(
@@ -123,6 +135,9 @@ def run(
     model: str | None,
     max_in_flight: int | None,
     api_key_env: str,
+    mode: str | None,
+    detach: bool,
+    fallback: str | None,
     verbose: bool,
     quiet: bool,
     log_file: Path | None,
@@ -147,6 +162,7 @@ def run(
         model=model,
         price=price_option(price_text),
         local=local,
+        mode=mode,  # type: ignore[arg-type]
     )
     job = apply_overrides(
         load_job_or_batch(
@@ -172,6 +188,20 @@ def run(
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, handle_signals=True)
     tune_gc()
     with endpoint(job) as target:
+        from pipeline.cli.batch import batch_first
+
+        if batch_first(
+            target,
+            job_file,
+            api_key=api_key,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            detach=detach,
+            fallback=fallback is not None,
+            quiet=quiet,
+        ):
+            fresh = False
+            options = RunOptions(retry_failed=retry_failed, handle_signals=True)
         runner = Runner(target, api_key=api_key, options=options, reporter=reporter)
         scan = runner.prepare()
         for warning in runner.warnings():
@@ -241,6 +271,9 @@ def budget_stop_message(report: RunReport, job: JobSpec, job_file: str) -> str:
 @click.option("--model", help="The --model the run used.")
 @click.option("--local", is_flag=True, help="Show the --local runs' side (the built-in server).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@click.option(
+    "--watch", is_flag=True, help="Batch mode: wait for the job's batches and collect them first."
+)
 @report_errors
 def status(
     job_file: str,
@@ -252,8 +285,10 @@ def status(
     model: str | None,
     local: bool,
     as_json: bool,
+    watch: bool,
 ) -> None:
-    """Show where JOB_FILE stands: rows done / failed / pending, spend, the last run."""
+    """Show where JOB_FILE stands: rows done / failed / pending, spend, the last run, and
+    its provider batches (--watch: wait for them and collect their results first)."""
     import json
 
     from pipeline.cli.display import print_status
@@ -268,13 +303,48 @@ def status(
         model=model,
         local=local,
     )
-    job = load_to_read(job_file, limit=limit)
-    context = JobContext(show_notices(apply_overrides(job, overrides)))
+    job = show_notices(apply_overrides(load_to_read(job_file, limit=limit), overrides))
+    from rich.console import Console
+
+    from pipeline.cli.batch import batch_pass, print_batches
+
+    if watch:
+        from pipeline.batch.run import BatchOptions
+
+        batch_pass(job, job_file, api_key=api_key_for(job), options=BatchOptions(submit=False))
+    context = JobContext(job)
     report = job_status(context, context.scan())
+    if job.request.mode == "batch":  # what the tokens cost by kind, at the batch price
+        from pipeline.cli.batch import at_batch_price
+
+        report = at_batch_price(report, job)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps({**report.to_dict(), "batches": print_batches(job)}, indent=2))
     else:
         print_status(report)
+        print_batches(job, Console(highlight=False))
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--output", "output_path", help="The run's output, if it used --output.")
+@click.option("--base-url", help="The --base-url the run used.")
+@click.option("--model", help="The --model the run used.")
+@report_errors
+def cancel(
+    job_file: str, *, output_path: str | None, base_url: str | None, model: str | None
+) -> None:
+    """Cancel JOB_FILE's open provider batches (batch mode). The next run collects what
+    they answered and submits their other rows again (or --mode online sends them)."""
+    from pipeline.cli.batch import cancel_batches
+
+    overrides = Overrides(output=output_path, base_url=base_url, model=model)
+    job = show_notices(apply_overrides(load_to_read(job_file), overrides))
+    batches, rows = cancel_batches(job, api_key=api_key_for(job))
+    click.echo(
+        f"asked the provider to cancel {batches} batch(es) holding {rows:,} rows; run the job "
+        "again to collect what they answered."
+    )
 
 
 @cli.command()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from decimal import Decimal
 from pathlib import Path
 
 import anyio
@@ -36,6 +37,7 @@ from pipeline.errors import UsageError
 from pipeline.estimate.figures import CostFigures, Estimate
 from pipeline.estimate.scan import compute_estimate
 from pipeline.job.spec import JobSpec, Overrides, apply_overrides
+from pipeline.money.batch import batch_discount
 
 MIN_SAMPLE_ROWS = 20
 """A percentage sample is never smaller than this (or the whole job, if smaller): one or
@@ -159,12 +161,28 @@ def estimate(
     elif local:
         job = apply_overrides(job, Overrides(base_url=LOCAL_PRICE_URL))
     result = compute_estimate(job, per_row=per_row, sampled=sampled)
+    discount = batch_discount(job.request.base_url, job.pricing)
     if as_json:
         data = result.to_dict()
         data["per_row_output"] = None if per_row is None else str(per_row)
+        data["batch"] = _batch_figures(result, discount)
         click.echo(json.dumps(data, indent=2))
     else:
-        print_estimate(result, Console(highlight=False), per_row=per_row, local=local)
+        print_estimate(
+            result, Console(highlight=False), per_row=per_row, local=local, batch=discount
+        )
+
+
+def _batch_figures(e: Estimate, discount: Decimal | None) -> dict[str, str | None] | None:
+    """The cost in provider batch mode, for endpoints with a Batch API (None without one):
+    every part of the price times the batch discount."""
+    if discount is None or e.cost is None:
+        return None
+    return {
+        "discount": str(discount),
+        "expected_usd": str(e.cost.expected * discount),
+        "worst_case_usd": None if e.cost.worst_case is None else str(e.cost.worst_case * discount),
+    }
 
 
 def _tokens(value: int | None) -> str:
@@ -266,8 +284,33 @@ def _cost_lines(e: Estimate) -> list[tuple[str, str]]:
     return lines
 
 
+def _batch_lines(e: Estimate, discount: Decimal | None) -> list[tuple[str, str]]:
+    """Online and batch mode side by side, for an endpoint with a Batch API."""
+    figures = _batch_figures(e, discount)
+    if figures is None or e.cost is None or discount is None:
+        return []
+    worst = money(e.cost.worst_case)
+    batch_worst = money(
+        None if figures["worst_case_usd"] is None else Decimal(figures["worst_case_usd"])
+    )
+    return [
+        (
+            "online / batch mode",
+            f"expected {money(e.cost.expected)} online, "
+            f"{money(Decimal(str(figures['expected_usd'])))} in batch mode "
+            f"({discount * 100:.0f}% of the price, answers within 24 h); worst {worst} / "
+            f"{batch_worst}",
+        )
+    ]
+
+
 def print_estimate(
-    e: Estimate, console: Console, *, per_row: Path | None = None, local: bool = False
+    e: Estimate,
+    console: Console,
+    *,
+    per_row: Path | None = None,
+    local: bool = False,
+    batch: Decimal | None = None,
 ) -> None:
     """The estimate for a person: a table, then one warning line per thing to check."""
     table = Table(title=f"{e.job}: estimate", show_header=False, title_justify="left")
@@ -279,6 +322,7 @@ def print_estimate(
         *_row_lines(e, local=local),
         *_output_lines(e),
         *_cost_lines(e),
+        *_batch_lines(e, batch),
         (
             "duration",
             f"{clock(d.seconds)} at {d.requests_per_s:,.1f} req/s "

@@ -30,12 +30,14 @@ from pipeline.job.request import (
 from pipeline.job.spec import (
     DEFAULT_BASE_URL,
     DEFAULT_MODEL,
+    BatchSpec,
     BudgetSpec,
     Endpoint,
     InputFormat,
     InputSpec,
     JobSpec,
     LimitsSpec,
+    Mode,
     Order,
     OutputSpec,
     RequestSpec,
@@ -69,6 +71,7 @@ class _Request(BaseModel):
     suffix: str | None = None
     messages_column: str | None = None
     order: Order = "input"
+    mode: Mode = "online"
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     thinking: Literal["enabled", "disabled"] | dict[str, Any] | None = None
@@ -95,6 +98,14 @@ class _Output(_Strict):
     max_reasks: int = Field(default=2, ge=0, le=20)
 
 
+class _Batch(_Strict):
+    max_requests_per_file: int = Field(default=50_000, ge=1, le=50_000)
+    max_bytes_per_file: int = Field(default=200_000_000, ge=1024, le=200_000_000)
+    completion_window: Literal["24h"] = "24h"
+    poll_s: float = Field(default=5.0, gt=0)
+    poll_max_s: float = Field(default=60.0, gt=0)
+
+
 class _Budget(_Strict):
     max_cost_usd: float | None = Field(default=None, gt=0)
 
@@ -106,6 +117,7 @@ class _Pricing(_Strict):
     off_peak_start: str | None = None
     off_peak_end: str | None = None
     off_peak_discount: float | None = Field(default=None, gt=0, le=1)
+    batch_discount: float | None = Field(default=None, gt=0, le=1)
 
 
 _OFF_PEAK_KEYS = ("off_peak_start", "off_peak_end", "off_peak_discount")
@@ -135,6 +147,7 @@ def _price_override(source: Path, pricing: _Pricing) -> PriceOverride:
         off_peak_start=start,
         off_peak_end=end,
         off_peak_discount=_decimal(pricing.off_peak_discount),
+        batch_discount=_decimal(pricing.batch_discount),
     )
 
 
@@ -168,20 +181,23 @@ class _Job(_Strict):
     output: _Output
     pricing: _Pricing | None = None
     budget: _Budget = Field(default_factory=_Budget)
+    batch: _Batch = Field(default_factory=_Batch)
 
 
 _SECTION_HELP = {
     "input": "path, id_column, format",
     "request": "base_url, api_key_env, model, endpoint, system, prompt, suffix, "
-    "messages_column, order, extra_body, and the OpenAI and DeepSeek request parameters "
+    "messages_column, order, mode, extra_body, and the OpenAI and DeepSeek request parameters "
     "(max_tokens, temperature, thinking, tools, response_format, ...)",
     "limits": "max_in_flight, max_attempts, timeout_s, max_retry_wait_s, row_deadline_s, "
     "requests_per_minute, tokens_per_minute",
     "output": "path, keep_columns, state_dir, schema, schema_from_tool, max_reasks",
     "budget": "max_cost_usd",
+    "batch": "max_requests_per_file, max_bytes_per_file, completion_window, poll_s, poll_max_s",
     "pricing": "input, cached_input, output (USD per million tokens), off_peak_start, "
-    "off_peak_end (UTC, HH:MM), off_peak_discount (fraction paid off-peak)",
-    "": "name and the tables [input], [request], [limits], [output], [pricing], [budget]",
+    "off_peak_end (UTC, HH:MM), off_peak_discount (fraction paid off-peak), batch_discount "
+    "(fraction paid in batch mode)",
+    "": "name and the tables [input], [request], [limits], [output], [pricing], [budget], [batch]",
 }
 
 
@@ -397,6 +413,7 @@ def job_from_dict(tables: Mapping[str, Any], path: Path | str = "<job dict>") ->
             suffix=request.suffix,
             messages_column=request.messages_column,
             order=request.order,
+            mode=request.mode,
             params=params,
             model_override=not batch or "model" in request.model_fields_set,
         ),
@@ -412,6 +429,7 @@ def job_from_dict(tables: Mapping[str, Any], path: Path | str = "<job dict>") ->
         ),
         pricing=pricing,
         budget=BudgetSpec(max_cost_usd=_decimal(job.budget.max_cost_usd)),
+        batch=BatchSpec(**job.batch.model_dump()),
         notices=paths.notices,
     )
 

@@ -33,6 +33,7 @@ OWN_KEYS: Final = frozenset(
         "suffix",
         "messages_column",
         "order",
+        "mode",
         "extra_body",
     }
 )

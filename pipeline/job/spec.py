@@ -28,6 +28,7 @@ LOCAL_STATE = "local"
 
 Endpoint = Literal["chat/completions", "completions"]
 Order = Literal["input", "prefix"]
+Mode = Literal["online", "batch"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,6 +68,8 @@ class RequestSpec:
     """What identifies the endpoint in request keys, if not ``base_url`` (``--local``)."""
     model_override: bool = True
     """OpenAI batch input: replace each line's model with ``model`` (else keep the lines')."""
+    mode: Mode = "online"
+    """``"batch"``: send the rows through the provider's Batch API (:mod:`pipeline.batch`)."""
 
     @property
     def key_base(self) -> str:
@@ -142,6 +145,20 @@ class BudgetSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BatchSpec:
+    """``[batch]``: how batch mode splits, submits and waits (see :mod:`pipeline.batch`)."""
+
+    max_requests_per_file: int = 50_000
+    """The provider's limit of requests per batch input file (OpenAI: 50,000)."""
+    max_bytes_per_file: int = 200_000_000
+    """The provider's limit of bytes per batch input file (OpenAI: 200 MB)."""
+    completion_window: str = "24h"
+    poll_s: float = 5.0
+    """The first wait between two looks at a batch; it doubles up to :attr:`poll_max_s`."""
+    poll_max_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JobSpec:
     name: str
     source: str
@@ -152,6 +169,7 @@ class JobSpec:
     output: OutputSpec
     pricing: PriceOverride | None = None
     budget: BudgetSpec = BudgetSpec()
+    batch: BatchSpec = BatchSpec()
     notices: tuple[Notice, ...] = ()
     """Warnings from loading the job file, to show before anything runs (see :class:`Notice`)."""
 
@@ -191,6 +209,8 @@ class Overrides:
     local: bool = False
     """The built-in server's side of the job (``--local``): its own request keys, output and
     state, never summed with the real endpoint's (see :func:`local_side`)."""
+    mode: Mode | None = None
+    """``--mode``: over ``[request] mode``."""
 
 
 def local_side(job: JobSpec, output: OutputSpec, *, renamed: bool) -> OutputSpec:
@@ -232,6 +252,8 @@ def apply_overrides(job: JobSpec, overrides: Overrides) -> JobSpec:
         request = replace(request, model=overrides.model, model_override=True)
     if overrides.local:
         request = replace(request, identity=LOCAL_IDENTITY)
+    if overrides.mode is not None:
+        request = replace(request, mode=overrides.mode)
     pricing = job.pricing
     if overrides.price is not None:
         pricing = overrides.price.over(pricing)

@@ -52,6 +52,9 @@ class PriceOverride:
     """The fraction of the price paid off-peak (0.5: half price)."""
     origin: str = "job [pricing]"
     """Where the override was given, for people: ``job [pricing]`` or ``--price``."""
+    batch_discount: Decimal | None = None
+    """The fraction of the price paid in provider batch mode (0.5: half price); see
+    :mod:`pipeline.money.batch`."""
 
     def over(self, other: PriceOverride | None) -> PriceOverride:
         """This override on top of ``other``: each part given here wins."""
@@ -71,6 +74,7 @@ class PriceOverride:
             off_peak_end=self.off_peak_end if window else other.off_peak_end,
             off_peak_discount=self.off_peak_discount if window else other.off_peak_discount,
             origin=f"{self.origin} over {other.origin}",
+            batch_discount=pick("batch_discount"),
         )
 
 

@@ -36,6 +36,9 @@ Endpoints
     and those ``served_models`` adds. A chat or FIM request for any other model gets OpenAI's
     404: ``{"error": {"message": "The model `X` does not exist or you do not have access to
     it.", "type": "invalid_request_error", "param": null, "code": "model_not_found"}}``.
+``/v1/files``, ``/v1/batches``
+    OpenAI's Batch API: upload, list, content and delete of files; create, retrieve, list and
+    cancel of batches, processed in the background (:mod:`pipeline.server.batch_api`).
 ``GET /_stats``, ``POST /_stats/reset``
     Counters for tests: ``requests_total``; one count per outcome (``ok``, ``429``, ``400``,
     ``401``, ``500``, ``503``, ``502_html``, ``drop``, ``malformed``, ``timeout``, and ``404``
@@ -44,7 +47,9 @@ Endpoints
     byte for byte), ``max_sends_per_request`` (most times one identical body was received) and
     ``sends_histogram`` (times received -> number of bodies); ``prompt_tokens_total``,
     ``completion_tokens_total``, ``reasoning_tokens_total`` and ``cache_hit_tokens_total`` over
-    the replies sent. ``/_stats`` needs no API key. Every body is remembered (about 100 bytes
+    the replies sent; ``files_uploaded``, ``file_downloads``, ``files_deleted``,
+    ``batches_created``, ``batches_cancelled`` and ``batch_requests`` (lines answered) of the
+    Batch API. ``/_stats`` needs no API key. Every body is remembered (about 100 bytes
     each) until the counters are reset.
 
 With ``api_key`` set, the API endpoints require ``Authorization: Bearer <key>`` and answer 401
@@ -137,7 +142,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -156,6 +161,7 @@ from pipeline.server.asgi import (
     respond_slowly,
     wait_for_disconnect,
 )
+from pipeline.server.batch_api import BatchService
 from pipeline.server.bodies import (
     CONCURRENCY_BODY,
     HTML_502,
@@ -175,6 +181,7 @@ from pipeline.server.faults import (
     draw_fault,
     rejection,
 )
+from pipeline.server.files import FileStore
 from pipeline.server.options import ServerOptions
 from pipeline.server.ratelimit import RateLimiter
 from pipeline.server.requests import (
@@ -362,6 +369,26 @@ class _Completions:
         self.stats.record_usage(reply, admitted.prompt_tokens, admitted.cache_hit)
         return json.dumps(payload, separators=(",", ":")).encode()
 
+    def answer_offline(self, endpoint: str, raw: bytes) -> tuple[int, bytes]:
+        """A Batch API line's answer: the body checks and the reply of the online path,
+        without its rate limits, faults and latency (see :mod:`pipeline.server.batch_api`)."""
+        parse = parse_chat_request if endpoint.endswith("chat/completions") else None
+        try:
+            request = (parse or parse_completion_request)(raw)
+            if request.model not in self.served:
+                return 404, model_not_found_body(request.model)
+            refused = rejection(request, body_digest(raw, self.options.seed), self.options)
+            if refused is not None:
+                raise refused
+        except InvalidRequest as exc:
+            return 400, error_body(exc.message, "invalid_request_error", param=exc.param)
+        prompt_tokens, ids = prompt_token_ids(request)
+        cache_hit = self.cache.lookup_and_add(ids) if ids is not None else 0
+        admitted = _Admitted(
+            request=request, prompt_tokens=prompt_tokens, cache_hit=cache_hit, headers=()
+        )
+        return 200, self._reply_body(admitted)
+
     @staticmethod
     async def _send_error(fault: ServerOutcome, send: Send, headers: Headers) -> None:
         if fault is ServerOutcome.SERVER_ERROR:
@@ -387,12 +414,29 @@ def create_app(
         data = [{"id": name, "object": "model", "owned_by": "pipeline"} for name in options.models]
         return JSONResponse({"object": "list", "data": data})
 
+    files = FileStore()
+    batches = BatchService(options, files, service.answer_offline)
+
+    def snapshot() -> dict[str, Any]:
+        counts = ("files_uploaded", "file_downloads", "files_deleted", "batches_created")
+        more = ("batches_cancelled", "batch_requests")
+        return {**service.stats.snapshot(), **{name: files.counts[name] for name in counts + more}}
+
     async def stats(request: Request) -> Response:
-        return JSONResponse(service.stats.snapshot())
+        return JSONResponse(snapshot())
 
     async def reset_stats(request: Request) -> Response:
         service.stats.reset()
-        return JSONResponse(service.stats.snapshot())
+        files.counts.clear()
+        return JSONResponse(snapshot())
+
+    def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Any:
+        async def endpoint(request: Request) -> Response:
+            if not service.authorized(request.scope):
+                return Response(UNAUTHORIZED_BODY, 401, media_type="application/json")
+            return await handler(request)
+
+        return endpoint
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -409,4 +453,16 @@ def create_app(
         Route("/_stats", stats, methods=["GET"]),
         Route("/_stats/reset", reset_stats, methods=["POST"]),
     ]
+    if options.batch_api:
+        routes += [
+            Route("/v1/files", guarded(files.upload), methods=["POST"]),
+            Route("/v1/files", guarded(files.listing), methods=["GET"]),
+            Route("/v1/files/{file_id}", guarded(files.retrieve), methods=["GET"]),
+            Route("/v1/files/{file_id}", guarded(files.delete), methods=["DELETE"]),
+            Route("/v1/files/{file_id}/content", guarded(files.content), methods=["GET"]),
+            Route("/v1/batches", guarded(batches.create), methods=["POST"]),
+            Route("/v1/batches", guarded(batches.listing), methods=["GET"]),
+            Route("/v1/batches/{batch_id}", guarded(batches.retrieve), methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", guarded(batches.cancel), methods=["POST"]),
+        ]
     return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})

@@ -109,6 +109,29 @@ class ServerOptions:
         ),
     )
 
+    batch_api: bool = field(
+        default=True,
+        metadata=_help("Serve the Batch API (/v1/files, /v1/batches); off: 404 there."),
+    )
+    batch_delay_s: float = field(
+        default=1.0,
+        metadata=_help("Seconds a batch stays validating, and again in progress, before done."),
+    )
+    batch_error_rate: float = field(
+        default=0.0,
+        metadata=_help("Fraction of batch lines answered with a 500 in the error file."),
+    )
+    batch_expire_after: int = field(
+        default=0,
+        metadata=_help("A batch answers this many lines, then expires (0 = never expires)."),
+    )
+    batch_max_requests: int = field(
+        default=50_000, metadata=_help("Requests per batch input file at most, as OpenAI.")
+    )
+    batch_max_bytes: int = field(
+        default=200_000_000, metadata=_help("Bytes per batch input file at most, as OpenAI.")
+    )
+
     @property
     def models(self) -> tuple[str, ...]:
         """The models served: the known ones (:data:`MODEL_IDS`), then ``served_models``."""
@@ -130,6 +153,7 @@ class ServerOptions:
             "reply_min_fraction",
             "invalid_json_rate",
             "truncate_rate",
+            "batch_error_rate",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -147,11 +171,15 @@ class ServerOptions:
             "keepalive_after_ms",
             "timeout_hang_s",
             "prefix_cache_entries",
+            "batch_delay_s",
+            "batch_expire_after",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.keepalive_interval_ms <= 0:
-            raise ValueError("keepalive_interval_ms must be positive")
+        if min(self.keepalive_interval_ms, self.batch_max_requests, self.batch_max_bytes) <= 0:
+            raise ValueError(
+                "keepalive_interval_ms, batch_max_requests and batch_max_bytes must be positive"
+            )
         if self.reasoning_max_tokens < self.reasoning_min_tokens:
             raise ValueError("reasoning_max_tokens must not be less than reasoning_min_tokens")
         if not -(2**63) <= self.seed < 2**63:
