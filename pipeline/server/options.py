@@ -41,6 +41,13 @@ class ServerOptions:
     )
     rpm: int = field(default=0, metadata=_help("openai profile: requests per minute (0 = none)."))
     tpm: int = field(default=0, metadata=_help("openai profile: tokens per minute (0 = none)."))
+    rate_window_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "openai profile: seconds the rpm/tpm limits are enforced over (60 = per minute; "
+            "1 = per second, quantized like OpenAI's)."
+        ),
+    )
     api_key: str = field(
         default="",
         repr=False,
@@ -150,8 +157,11 @@ class ServerOptions:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.keepalive_interval_ms <= 0:
-            raise ValueError("keepalive_interval_ms must be positive")
+        if self.keepalive_interval_ms <= 0 or not 0 < self.rate_window_s <= 60:
+            raise ValueError(
+                "keepalive_interval_ms must be positive and rate_window_s in (0, 60], got "
+                f"{self.keepalive_interval_ms} and {self.rate_window_s}"
+            )
         if self.reasoning_max_tokens < self.reasoning_min_tokens:
             raise ValueError("reasoning_max_tokens must not be less than reasoning_min_tokens")
         if not -(2**63) <= self.seed < 2**63:
