@@ -204,6 +204,8 @@ path = "{folder / "out.parquet"}"
         print(f"raw encode_batch tokens/s: {raw:,.0f} (mean of before and after)")
         print(f"ratio: {speed / raw:.2f}x")
         print(f"peak RSS MiB: {peak_kib / 1024:,.0f} ({how} of the estimate process)")
+        summary = {"rows": rows, "seconds": elapsed, "ratio": speed / raw}
+        print(json.dumps({**summary, "peak_mib": peak_kib / 1024}))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ billed. Not the row's result (the next run sends the row again), but a record of
 attempts cost, so that every billed attempt is accounted."""
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""One encoder for every record: ``json.dumps`` with options builds a new one per call."""
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """A function call the model asked for; ``arguments`` is the JSON text it wrote."""
@@ -80,7 +84,7 @@ class RowResult:
 
     def to_json(self) -> str:
         usage = self.usage
-        return json.dumps(
+        return _ENCODER.encode(
             {
                 "key": self.key,
                 "row": self.row,
@@ -105,9 +109,7 @@ class RowResult:
                 "reasks": self.reasks,
                 "http_status": self.http_status,
                 "run": self.run,
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
+            }
         )
 
     @classmethod

@@ -263,3 +263,20 @@ def test_a_second_run_starts_at_the_hidden_limit_the_first_one_found(
     assert 8 <= ceiling <= 12  # the server's limit is 8
     assert start == int(0.9 * ceiling)
     assert server_stats(base)["429"] < first_429s
+
+
+def test_a_limit_enforced_per_second_is_met_without_429s(
+    tmp_path: Path, local_server: Callable[..., str]
+) -> None:
+    # The server holds one second of 3,000 requests/min (50) and refuses the 51st of any
+    # instant, as OpenAI documents quantized limits; the job is told the per-minute figure.
+    base = local_server(profile="openai", rpm=3000, rate_window_s=1, latency_ms=20, seed=5)
+    job = job_file(tmp_path, base_url=base, limits="requests_per_minute = 3000")
+    code, output = invoke("run", str(job))
+    assert code == 0, output
+    df = pl.read_parquet(tmp_path / "out.parquet")
+    assert df.height == 300
+    assert set(df["status"]) == {"ok"}
+    stats = server_stats(base)
+    assert stats["429"] == 0
+    assert stats["requests_total"] == 300

@@ -99,3 +99,45 @@ def test_matches_the_unbounded_reference_when_nothing_is_evicted(
     prompts = [p + [7] * tail for p in prompts]
     cache = PrefixCache(10_000)
     assert [cache.lookup_and_add(p) for p in prompts] == _reference(prompts)
+
+
+def _prompts(seed: int, count: int) -> list[tuple[int, ...]]:
+    """Fingerprint lists of prompts that share prefixes of 0-3 blocks, some repeated."""
+    import random
+
+    from pipeline.rows.prefix import block_fingerprints
+
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(1000) for _ in range(BLOCK_TOKENS * n)] for n in (1, 2, 3)]
+    prompts = []
+    for _ in range(count):
+        head = rng.choice([[], *prefixes])
+        tail = [rng.randrange(1000) for _ in range(rng.randrange(0, 3 * BLOCK_TOKENS))]
+        prompts.append(block_fingerprints(head + tail))
+    return prompts
+
+
+def test_the_compact_cache_answers_as_the_lru_until_it_forgets() -> None:
+    from pipeline.rows.prefix import CompactPrefixCache
+
+    prompts = _prompts(0, 3000)
+    exact, compact = PrefixCache(100_000), CompactPrefixCache(100_000, generation=512)
+    assert [compact.lookup_and_add_blocks(p) for p in prompts] == [
+        exact.lookup_and_add_blocks(p) for p in prompts
+    ]
+    assert sum(exact.lookup_and_add_blocks(p) for p in prompts) > 0
+
+
+def test_the_compact_cache_stays_within_its_capacity_and_keeps_what_is_used() -> None:
+    from pipeline.rows.prefix import CompactPrefixCache
+
+    cache = CompactPrefixCache(1024, generation=128)
+    shared = (7, 8, 9)  # a prefix of three blocks, used between all the others
+    assert cache.lookup_and_add_blocks(shared) == 0
+    for prompt in _prompts(2, 5000):
+        cache.lookup_and_add_blocks(prompt)
+        assert len(cache) <= 1024 + 128
+        assert cache.lookup_and_add_blocks(shared) == 3 * BLOCK_TOKENS
+    empty = CompactPrefixCache(0)
+    assert empty.lookup_and_add_blocks((1, 2)) == 0
+    assert empty.lookup_and_add_blocks((1, 2)) == 0

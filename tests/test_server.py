@@ -94,6 +94,27 @@ def test_token_bucket_charges_prompt_plus_max_tokens() -> None:
     assert limiter.admit(600, 12.0).allowed
 
 
+def test_a_one_second_window_holds_one_second_of_the_minute() -> None:
+    limiter = RateLimiter(rpm=6000, tpm=0, now=0.0, window_s=1.0)  # 100 at once, 100 per s
+    granted = [limiter.admit(10, 0.0) for _ in range(101)]
+    assert [d.allowed for d in granted] == [True] * 100 + [False]
+    assert dict(granted[0].headers)[b"x-ratelimit-limit-requests"] == b"6000"  # per minute
+    assert dict(granted[99].headers)[b"x-ratelimit-remaining-requests"] == b"0"
+    assert (granted[100].limited_by, granted[100].retry_after_s) == ("requests", 1)
+    assert limiter.admit(10, 0.01).allowed  # 100 per second: one more every 10 ms
+    assert not limiter.admit(10, 0.01).allowed
+    # Within the minute (6,000) but over the second: the default window would allow it.
+    per_minute = RateLimiter(rpm=6000, tpm=0, now=0.0)
+    assert all(per_minute.admit(10, 0.0).allowed for _ in range(101))
+
+
+def test_the_rate_window_must_be_within_a_minute() -> None:
+    with pytest.raises(ValueError, match="rate_window_s"):
+        ServerOptions(rate_window_s=0)
+    with pytest.raises(ValueError, match="window_s"):
+        RateLimiter(rpm=10, tpm=0, now=0.0, window_s=61)
+
+
 def test_fault_probabilities_add_up_in_order() -> None:
     options = ServerOptions(fault_500=0.1, fault_drop=0.2)
     assert draw_fault(options, 0.05) is ServerOutcome.SERVER_ERROR

@@ -115,3 +115,55 @@ def test_heuristic_counts_tools_and_completions() -> None:
     assert tokens.count_prompt_tokens([with_tools]) == [6 + (tools_bytes + 3) // 4]
     fim = {"model": HEURISTIC_MODEL, "prompt": "1234", "suffix": "5678"}
     assert tokens.count_prompt_tokens([fim]) == [2 + 4]
+
+
+def _bound_bodies() -> list[dict[str, Any]]:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "description": "Find a product by name. " * 20,
+                "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+            },
+        }
+    ]
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    many = [{"role": "user" if i % 2 else "assistant", "content": ""} for i in range(40)]
+    return [
+        {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": ""}]},
+        {"model": "deepseek-v4-flash", "messages": many},
+        {
+            "model": "deepseek/deepseek-v4-flash",
+            "messages": [
+                {"role": "system", "content": "You label reviews.\n\n\t" * 5},
+                {"role": "user", "content": "電池は最悪です 🔋🔋 — très bien, naïve façade " * 30},
+            ],
+            "thinking": {"type": "disabled"},
+        },
+        {
+            "model": "deepseek-v4-flash",
+            "messages": [
+                {"role": "user", "content": "find it"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "{}"},
+            ],
+            "tools": tools,
+        },
+        {"model": "deepseek-v4-flash", "prompt": "def f(x):\n    ", "suffix": "\n    return y"},
+        {"model": "deepseek-v4-flash", "prompt": ""},
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello " * 50}]},
+        {"model": "some-other-model", "messages": [{"role": "user", "content": "x"}]},
+    ]
+
+
+def test_a_bodys_length_bounds_its_prompt_tokens() -> None:
+    # A run without a tokens/min limit or a budget reserves this bound instead of counting.
+    from pipeline.rows.templating import encode_body
+
+    bodies = _bound_bodies()
+    exact = tokens.count_prompt_tokens(bodies)
+    for body, count in zip(bodies, exact, strict=True):
+        bound = tokens.prompt_token_bound(encode_body(body))
+        assert count <= bound, (body, count, bound)
+    assert exact[2] > 200  # the non-ASCII body is long: the bound is not met by slack alone

@@ -27,6 +27,14 @@ from pipeline.state.resume import Track, Tracks
 
 RESULT_BATCH = 1024
 """Results committed to the journal together, at most."""
+COMMIT_WINDOW_S = 0.05
+"""A group of results is committed once it holds half the in-flight cap, or this long after
+its first result, whichever comes first: at 1,200 results/s that is about 20 hops to the worker
+thread (and fsyncs) a second instead of one per few results (that hop was the writer's largest
+cost). A result is durable at most this long (plus the fsync) after it arrives, and a crash
+leaves unanswered at most the requests in flight plus half as many."""
+COMMIT_TICK_S = 0.005
+"""While a group fills, the writer looks for more results this often."""
 
 
 class ResultWriter:
@@ -51,17 +59,14 @@ class ResultWriter:
     async def run(self, results: MemoryObjectReceiveStream[RowResult]) -> None:
         """Commit results as they arrive, until the workers are done."""
         output = self.output
+        group = max(1, min(RESULT_BATCH, self._context.job.limits.max_in_flight // 2))
         async with results:
             while True:
                 try:
                     batch = [await results.receive()]
                 except anyio.EndOfStream:
                     break
-                while len(batch) < RESULT_BATCH:
-                    try:
-                        batch.append(results.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
+                await self._fill(results, batch, group)
                 finished = self.tracks.finish(batch)
                 await anyio.to_thread.run_sync(self._commit, batch, finished)
                 if output is not None:
@@ -70,6 +75,25 @@ class ResultWriter:
                     self._stats.add_result(result)
         if output is not None:
             output.end()
+
+    @staticmethod
+    async def _fill(
+        results: MemoryObjectReceiveStream[RowResult], batch: list[RowResult], group: int
+    ) -> None:
+        """Add what arrives to ``batch`` until it holds ``group`` results or
+        :data:`COMMIT_WINDOW_S` has passed since its first one (or the stream ends)."""
+        deadline = anyio.current_time() + COMMIT_WINDOW_S
+        while len(batch) < group:
+            try:
+                batch.append(results.receive_nowait())
+                continue
+            except anyio.EndOfStream:
+                return
+            except anyio.WouldBlock:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    return
+            await anyio.sleep(min(left, COMMIT_TICK_S))
 
     def _commit(self, results: list[RowResult], finished: list[Track]) -> None:
         """Make results durable, then seal the batches they finished."""

@@ -15,9 +15,9 @@ this machine, labelled ``exact (tiktoken o200k_base)``; other models get its doc
 heuristic, labelled as such (:func:`pipeline.rows.tokens.count_method`).
 
 **Cached-prefix tokens** replay the rows, in input order, through
-:class:`pipeline.rows.prefix.PrefixCache` (DeepSeek's 64-token blocks), fed each prompt's chained
-block fingerprints, computed in the worker thread as soon as a chunk is encoded; token ids
-and ``Encoding`` objects are dropped right there.
+:class:`pipeline.rows.prefix.CompactPrefixCache` (DeepSeek's 64-token blocks), fed each
+prompt's chained block fingerprints, computed in the worker thread as soon as a chunk is
+encoded; token ids and ``Encoding`` objects are dropped right there.
 
 **Output tokens** come from the answers already in the job's state folder (earlier runs, or
 ``--sample``): :func:`read_history` reads the most recent :data:`HISTORY_LIMIT` of them.
@@ -27,8 +27,10 @@ warnings are computed from the scan's totals by :mod:`pipeline.estimate.figures`
 :mod:`pipeline.estimate.checks`.
 
 Memory is bounded by the batch size, the tokenizer chunk and the prefix cache's capacity
-(150 to 300 bytes per remembered block: 150 to 300 MB at the default million blocks), never
-by the rows.
+(:class:`~pipeline.rows.prefix.CompactPrefixCache`: about 10 bytes per remembered block),
+never by the rows: the per-row figures are streamed to their Parquet batch by batch, and a
+local input is read through a small buffer (:mod:`pipeline.io.sources`). A 1,000,000-row
+estimate peaks under 300 MB (``bench/estimate_large.py``).
 """
 
 from __future__ import annotations
@@ -68,15 +70,19 @@ from pipeline.money.pricing import cost, quote_price
 from pipeline.results import RowResult
 from pipeline.rows import tokens
 from pipeline.rows.plan import PlannedRow, Planner
-from pipeline.rows.prefix import DEFAULT_CAPACITY_BLOCKS, PrefixCache, block_fingerprints
+from pipeline.rows.prefix import CompactPrefixCache, block_fingerprints
 from pipeline.state.journal import Journal
 
 HISTORY_LIMIT = 100_000
 """Most recent results read from the state folder to learn the output length."""
-TOKENIZE_BATCH = 8192
-"""Rows per input batch (planned, tokenized and accounted together)."""
-ENCODE_CHUNK = 1024
+TOKENIZE_BATCH = 2048
+"""Rows per input batch (planned, tokenized and accounted together): 8,192 held 230 MiB more
+at the peak (two batches' bodies, texts and the tokenizer's buffers) for no speed."""
+ENCODE_CHUNK = 256
 """Bodies per parallel tokenizer call: bounds the tokenizer's own (native) working memory."""
+CACHE_BLOCKS = 1 << 20
+"""Prompt blocks the estimate's prefix cache remembers: about a million (64M tokens of
+prefixes), in about 10 MB (:class:`~pipeline.rows.prefix.CompactPrefixCache`)."""
 CHECK_ROWS = 4
 """Rows of each batch cross-checked against :func:`pipeline.rows.tokens.count_prompt_tokens`."""
 
@@ -317,7 +323,7 @@ def compute_estimate(
     sampled: int = 0,
     history_limit: int = HISTORY_LIMIT,
     batch_rows: int = TOKENIZE_BATCH,
-    cache_blocks: int = DEFAULT_CAPACITY_BLOCKS,
+    cache_blocks: int = CACHE_BLOCKS,
 ) -> Estimate:
     """Estimate ``job``: one streaming pass over its input; nothing is sent.
 
@@ -349,7 +355,7 @@ def compute_estimate(
             yield _Prepared(batch, start, planned, matched, bodies)
             start += batch.num_rows
 
-    accountant = _Accountant(model, PrefixCache(cache_blocks), job.input.id_column)
+    accountant = _Accountant(model, CompactPrefixCache(cache_blocks), job.input.id_column)
     writer = None if per_row is None else _PerRowWriter(per_row)
     ok = False
     try:
@@ -386,7 +392,7 @@ def compute_estimate(
 class _Accountant:
     """Accounts tokenized batches in input order: prefix cache, totals, per-row columns."""
 
-    def __init__(self, model: RowModel, cache: PrefixCache, id_column: str | None) -> None:
+    def __init__(self, model: RowModel, cache: CompactPrefixCache, id_column: str | None) -> None:
         self.model = model
         self.cache = cache
         self.id_column = id_column

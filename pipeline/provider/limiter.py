@@ -66,6 +66,12 @@ class Limiter:
         """Wait for a grant. Raises :class:`NeverFitsError` if the request can never go."""
         if tokens < 0:
             raise ValueError(f"tokens must not be negative, not {tokens}")
+        if not self._queue:  # nobody waits: a grant free now goes at once, without a yield
+            now = self.state.try_acquire(self._clock(), tokens)
+            if isinstance(now, Grant):
+                return now
+            if isinstance(now, NeverFits):
+                raise NeverFitsError(now.reason)
         await anyio.lowlevel.checkpoint_if_cancelled()
         waiter = _Waiter(tokens=tokens, wake=anyio.Event())
         self._queue.append(waiter)

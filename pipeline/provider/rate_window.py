@@ -20,11 +20,23 @@ too. A request whose estimate exceeds ``tokens_per_minute`` can never fit and ge
 :class:`~pipeline.provider.limits.NeverFits` at once. The log holds one entry per grant of the
 last 60 s and nothing older.
 
-**Pacing.** So that a fresh limiter does not send the whole minute's budget in its first
-instant, each budget also drives a GCRA pacer (a token bucket written as a "theoretical arrival
-time"): it holds ``burst_s`` seconds' worth of budget (default 1 s, i.e. ``limit / 60``, and at
-least one request) and refills at ``limit / 60`` per second. A request larger than the burst
-goes when the bucket is full and leaves it in debt.
+**Pacing, with a margin.** So that a fresh limiter does not send the whole minute's budget in
+its first instant, each budget also drives a GCRA pacer (a token bucket written as a
+"theoretical arrival time"): it holds ``burst_s`` seconds' worth of budget (default 0.5 s, and
+at least one request) and refills at ``pace_fraction`` (0.99) of ``limit / 60`` per second. A
+request larger than the burst goes when the bucket is full and leaves it in debt. Providers may
+enforce a per-minute limit over a much shorter window ("60,000 requests/minute may be enforced
+as 1,000 requests/second", OpenAI): a bucket holding one second of the limit. A pacer at
+exactly that rate with a full second of burst overflows such a bucket, because requests granted
+evenly arrive bunched (an event loop runs them in turns, connections open in groups); half a
+second of burst and 1% under the rate leave that jitter room.
+
+**Learning a shorter window.** A 429 that comes while every budget of the sliding minute still
+has room says the provider enforces its limit over a shorter window than the minute, so
+:meth:`RateWindow.tighten` tightens the pacers: it halves the burst (down to one
+request), and once the burst is one request it paces 2% slower (down to 80% of the limit).
+At most one tightening per burst of such 429s: a 429 for a request granted before the last
+tightening says nothing new. The tightening lasts for the run.
 
 **Headers.** When a provider sends ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``
 (:func:`~pipeline.provider.limits.parse_rate_limit_headers`), a limit lower than the configured
@@ -42,6 +54,10 @@ from dataclasses import dataclass
 
 WINDOW_S = 60.0
 """The length of the sliding window the per-minute budgets apply to."""
+DEFAULT_PACE_FRACTION = 0.99
+"""The pacers refill at this fraction of a budget's rate (see the module docstring)."""
+SLOWEST_PACE_FRACTION = 0.8
+"""Tightening never paces slower than this fraction of a budget."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,13 +94,14 @@ class _Entry:
 
 
 class _Pacer:
-    """GCRA: ``limit`` units per 60 s, at most ``burst_s`` seconds' worth at once."""
+    """GCRA: ``limit * fraction`` units per 60 s, at most ``burst_s`` seconds' worth at once."""
 
-    __slots__ = ("burst_s", "interval", "tat", "tolerance")
+    __slots__ = ("burst_s", "fraction", "interval", "tat", "tolerance")
 
-    def __init__(self, limit: int, burst_s: float, now: float) -> None:
+    def __init__(self, limit: int, burst_s: float, now: float, fraction: float = 1.0) -> None:
         self.burst_s = burst_s
-        self.interval = WINDOW_S / limit
+        self.fraction = fraction
+        self.interval = WINDOW_S / (limit * fraction)
         self.tolerance = max(burst_s, self.interval)
         self.tat = now
         """Theoretical arrival time: when the bucket would be full again."""
@@ -98,9 +115,18 @@ class _Pacer:
 
     def resize(self, limit: int, now: float) -> None:
         backlog = max(0.0, self.tat - now) / self.interval
-        self.interval = WINDOW_S / limit
+        self.interval = WINDOW_S / (limit * self.fraction)
         self.tolerance = max(self.burst_s, self.interval)
         self.tat = now + backlog * self.interval
+
+    def tighten(self, limit: int, now: float) -> None:
+        """Halve the burst; once it is one unit, pace 2% slower (see the module docstring)."""
+        if self.burst_s > self.interval:
+            self.burst_s = max(self.interval, self.burst_s / 2)
+            self.tolerance = max(self.burst_s, self.interval)
+        elif self.fraction > SLOWEST_PACE_FRACTION:
+            self.fraction = max(SLOWEST_PACE_FRACTION, self.fraction - 0.02)
+            self.resize(limit, now)
 
 
 def _lower(configured: int | None, server: int | None) -> int | None:
@@ -120,10 +146,17 @@ class RateWindow:
         *,
         burst_s: float,
         default_hold_s: float,
+        pace_fraction: float = DEFAULT_PACE_FRACTION,
     ) -> None:
         self._configured_rpm = requests_per_minute
         self._configured_tpm = tokens_per_minute
         self._burst_s = burst_s
+        self._pace_fraction = pace_fraction
+        self._last_grant_id = 0
+        self._tightened_upto = 0
+        """The last grant made before the latest tightening."""
+        self.tightenings = 0
+        """How often a 429 with room left in the window tightened the pacing."""
         self._default_hold_s = default_hold_s
         """How long an empty budget holds grants when the headers give no reset time."""
         self._server_rpm: int | None = None
@@ -154,9 +187,13 @@ class RateWindow:
             self.requests_in_window -= entry.requests
             self.tokens_in_window -= entry.tokens
         if self._request_pacer is None and self.requests_per_minute is not None:
-            self._request_pacer = _Pacer(self.requests_per_minute, self._burst_s, now)
+            self._request_pacer = _Pacer(
+                self.requests_per_minute, self._burst_s, now, self._pace_fraction
+            )
         if self._token_pacer is None and self.tokens_per_minute is not None:
-            self._token_pacer = _Pacer(self.tokens_per_minute, self._burst_s, now)
+            self._token_pacer = _Pacer(
+                self.tokens_per_minute, self._burst_s, now, self._pace_fraction
+            )
 
     def blocks(self, tokens: int) -> list[tuple[float, str]]:
         """Until when each rule of the window holds back a request of ``tokens``, and why."""
@@ -181,6 +218,7 @@ class RateWindow:
 
     def record(self, now: float, grant_id: int, tokens: int) -> None:
         """Charge a grant made now that reserves ``tokens``."""
+        self._last_grant_id = max(self._last_grant_id, grant_id)
         entry = _Entry(grant_id=grant_id, expires_at=now + WINDOW_S, requests=1, tokens=tokens)
         self._log.append(entry)
         self._entries[grant_id] = entry
@@ -237,6 +275,30 @@ class RateWindow:
             reset = headers.reset_tokens_s
             until = now + (default if reset is None else reset)
             self._hold_tokens_until = max(self._hold_tokens_until, until)
+
+    def has_room(self, tokens: int) -> bool:
+        """Whether some budget is set and every budget of the minute still has room for a
+        request of ``tokens`` beside the grants already in it (its own included)."""
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        if rpm is None and tpm is None:
+            return False
+        requests_room = rpm is None or self.requests_in_window < rpm
+        tokens_room = tpm is None or self.tokens_in_window + tokens <= tpm
+        return requests_room and tokens_room
+
+    def tighten(self, now: float, grant_id: int) -> bool:
+        """A 429 came for grant ``grant_id`` while the window had room: the provider enforces
+        a shorter window, so tighten the pacers (see the module docstring). Returns whether it
+        did: once per burst of such 429s, not again for a grant made before the last time."""
+        if grant_id <= self._tightened_upto:
+            return False
+        self._tightened_upto = self._last_grant_id
+        self.tightenings += 1
+        if self._request_pacer is not None and self.requests_per_minute is not None:
+            self._request_pacer.tighten(self.requests_per_minute, now)
+        if self._token_pacer is not None and self.tokens_per_minute is not None:
+            self._token_pacer.tighten(self.tokens_per_minute, now)
+        return True
 
     def _window_frees_at(self, excess: int, *, tokens: bool) -> float:
         """When the oldest entries that together free ``excess`` units leave the window."""

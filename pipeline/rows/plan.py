@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from pipeline.rows.templating import RenderFailure, RequestTemplate, encode_body, request_key
-from pipeline.rows.tokens import count_prompt_tokens
+from pipeline.rows.tokens import count_prompt_tokens, prompt_token_bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,15 @@ def with_prompt_tokens(rows: list[PlannedRow]) -> list[PlannedRow]:
     bodies = [json.loads(row.body) for row in sendable if row.body is not None]
     counts = iter(count_prompt_tokens(bodies))
     return [row if row.body is None else replace(row, prompt_tokens=next(counts)) for row in rows]
+
+
+def with_prompt_token_bounds(rows: list[PlannedRow]) -> list[PlannedRow]:
+    """``rows`` with upper bounds on their prompt tokens, from the bodies' lengths alone
+    (:func:`~pipeline.rows.tokens.prompt_token_bound`: no parsing, no tokenizer)."""
+    return [
+        row if row.body is None else replace(row, prompt_tokens=prompt_token_bound(row.body))
+        for row in rows
+    ]
 
 
 class RowPlanner(Protocol):

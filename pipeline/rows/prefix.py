@@ -9,12 +9,15 @@ cache block by block until the first block whose prefix was never sent.
 
 Fingerprints are Python's 64-bit tuple hashes: stable within one process (all an estimate
 needs), with a collision chance that is negligible at any capacity that fits in memory.
-Memory is about 100 bytes per remembered block.
+Memory is about 140 bytes per remembered block; :class:`CompactPrefixCache` answers the same
+in about 10 (``pipeline estimate`` uses it, so that a million-row estimate stays small).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from array import array
+from bisect import bisect_left
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 BLOCK_TOKENS = 64
@@ -67,6 +70,80 @@ class PrefixCache:
                 blocks.move_to_end(chained)
                 if len(blocks) > capacity:
                     blocks.popitem(last=False)
+        return cached
+
+
+GENERATION_BLOCKS = 1 << 16
+"""Blocks in :class:`CompactPrefixCache`'s newest generation."""
+
+
+class CompactPrefixCache:
+    """:class:`PrefixCache`'s answers in about 10 bytes per remembered block, not 140.
+
+    Blocks are remembered by generation: the newest ``generation`` of them in a dict, each
+    older generation as a sorted array of 8-byte fingerprints, searched by bisection. When the
+    newest generation is full it becomes the youngest sorted one, and the oldest is forgotten
+    once ``capacity_blocks`` would be exceeded. A block found in an older generation is
+    remembered again in the newest (as an LRU refreshes it), so what is forgotten is a
+    generation of blocks no prompt used since: an LRU at the grain of a generation. Until the
+    first generation is forgotten the answers equal :class:`PrefixCache`'s exactly.
+    """
+
+    def __init__(
+        self,
+        capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
+        block_tokens: int = BLOCK_TOKENS,
+        generation: int = GENERATION_BLOCKS,
+    ) -> None:
+        if capacity_blocks < 0:
+            raise ValueError("capacity_blocks must be >= 0")
+        if block_tokens < 1 or generation < 1:
+            raise ValueError("block_tokens and generation must be >= 1")
+        self.capacity_blocks = capacity_blocks
+        self.block_tokens = block_tokens
+        self._generation = max(1, min(generation, capacity_blocks))
+        self._keep = max(0, capacity_blocks // self._generation - 1)
+        """Sorted generations kept besides the newest."""
+        self._newest: dict[int, None] = {}
+        self._older: deque[array[int]] = deque()
+
+    def __len__(self) -> int:
+        """Blocks remembered now (a refreshed block may count twice)."""
+        return len(self._newest) + sum(len(older) for older in self._older)
+
+    def _known(self, chained: int) -> bool:
+        if chained in self._newest:
+            return True
+        for older in self._older:
+            at = bisect_left(older, chained)
+            if at < len(older) and older[at] == chained:
+                return True
+        return False
+
+    def _remember(self, chained: int) -> None:
+        newest = self._newest
+        newest[chained] = None
+        if len(newest) >= self._generation:
+            if self._keep:
+                self._older.appendleft(array("q", sorted(newest)))
+                if len(self._older) > self._keep:
+                    self._older.pop()
+            self._newest = {}
+
+    def lookup_and_add_blocks(self, fingerprints: Sequence[int]) -> int:
+        """As :meth:`PrefixCache.lookup_and_add_blocks`."""
+        if not self.capacity_blocks:
+            return 0
+        cached = 0
+        hitting = True
+        for index, chained in enumerate(fingerprints):
+            if hitting and self._known(chained):
+                cached = (index + 1) * self.block_tokens
+                if chained not in self._newest:
+                    self._remember(chained)
+                continue
+            hitting = False
+            self._remember(chained)
         return cached
 
 

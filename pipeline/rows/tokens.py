@@ -331,6 +331,25 @@ def _tiktoken_counts(encoding: str, bodies: Sequence[Mapping[str, Any]]) -> list
     return [sum(counts[start:end]) + framing for start, end, framing in spans]
 
 
+BOUND_SLACK = 64
+"""Added to a body's length in :func:`prompt_token_bound`, for the few special tokens and
+headers a layout adds beyond what the body's JSON already spells out."""
+
+
+def prompt_token_bound(body: bytes) -> int:
+    """An upper bound on :func:`count_prompt_tokens` of a request body, from its length alone
+    (no parsing, no tokenizer): the body's UTF-8 JSON bytes, plus :data:`BOUND_SLACK`.
+
+    Every token of a byte-level BPE (DeepSeek's, OpenAI's) covers at least one byte of the text
+    it encodes, and that text (messages, tools, prompt and suffix) appears in the body at least
+    as long (JSON escapes only lengthen it); each special token or per-message framing the
+    layout adds is outweighed by the JSON around each message (``{"content":"","role":""}``),
+    and the slack covers the fixed ones (begin of sentence, the assistant turn, the tools
+    header). The heuristic count of other models is smaller still.
+    """
+    return len(body) + BOUND_SLACK
+
+
 def count_prompt_tokens(
     bodies: Sequence[Mapping[str, Any]],
 ) -> list[int]:

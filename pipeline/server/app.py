@@ -49,8 +49,10 @@ Endpoints
     ``completion_tokens_total``, ``reasoning_tokens_total`` and ``cache_hit_tokens_total`` over
     the replies sent; ``files_uploaded``, ``file_downloads``, ``files_deleted``,
     ``batches_created``, ``batches_cancelled`` and ``batch_requests`` (lines answered) of the
-    Batch API. ``/_stats`` needs no API key. Every body is remembered (about 100 bytes
-    each) until the counters are reset.
+    Batch API; ``first_request_at``, the ``time.monotonic()`` of the first request since the
+    last reset (null before one; the clock every process of the machine shares, so a
+    benchmark can time a client's start-up). ``/_stats`` needs no API key. Every body is
+    remembered (about 100 bytes each) until the counters are reset.
 
 With ``api_key`` set, the API endpoints require ``Authorization: Bearer <key>`` and answer 401
 ``invalid_api_key`` otherwise; the key is never echoed, logged or put in a URL.
@@ -92,8 +94,10 @@ Profiles
     ``keepalive_interval_ms`` until the JSON body, as DeepSeek does under load.
 ``openai``
     Enforces ``rpm`` and ``tpm`` (0 = unlimited) with buckets that refill continuously over 60 s,
-    as OpenAI does; a request costs 1 request and ``prompt_tokens + max_tokens`` tokens. Responses
-    carry ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for each limit set (reset is
+    as OpenAI does, or over ``rate_window_s`` seconds (1: a bucket holds one second of the
+    limit, quantized as OpenAI may enforce it); a request costs 1 request and
+    ``prompt_tokens + max_tokens`` tokens. Responses carry
+    ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for each limit set (reset is
     the time until the bucket is full, written like ``1s``, ``6m0s``, ``120ms``); over a limit
     the answer is 429 with ``Retry-After`` (whole seconds, at least 1). ``max_concurrency``
     applies here too.
@@ -239,7 +243,7 @@ class _Completions:
         self.stats = ServerStats()
         self.vocab = vocabulary()
         self.cache = PrefixCache(options.prefix_cache_entries)
-        self.limiter = RateLimiter(options.rpm, options.tpm, clock())
+        self.limiter = RateLimiter(options.rpm, options.tpm, clock(), options.rate_window_s)
         self.faults = random.Random(options.seed)
         self.ids = itertools.count(1)
         self.id_prefix = os.urandom(4).hex()
@@ -258,6 +262,8 @@ class _Completions:
         """Answer one request whose body ``parse`` validates."""
         stats = self.stats
         stats.requests_total += 1
+        if stats.first_request_at is None:
+            stats.first_request_at = time.monotonic()
         if not self.authorized(scope):
             stats.outcomes[ServerOutcome.UNAUTHORIZED] += 1
             await respond(send, 401, UNAUTHORIZED_BODY)

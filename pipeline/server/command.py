@@ -25,6 +25,7 @@ option                     default       meaning
 ``max_concurrency``        0             hidden cap on requests in flight (0 = none)
 ``rpm``                    0             openai profile: requests per minute (0 = none)
 ``tpm``                    0             openai profile: tokens per minute (0 = none)
+``rate_window_s``          60            seconds rpm/tpm are enforced over (1 = per second)
 ``api_key``                (empty)       required bearer key; also ``$PIPELINE_SERVER_API_KEY``
 ``seed``                   0             seed of the replies and of the fault draws
 ``reply_min_fraction``     0.3           shortest reply drawn, as a fraction of ``max_tokens``

@@ -41,6 +41,13 @@ class ServerOptions:
     )
     rpm: int = field(default=0, metadata=_help("openai profile: requests per minute (0 = none)."))
     tpm: int = field(default=0, metadata=_help("openai profile: tokens per minute (0 = none)."))
+    rate_window_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "openai profile: seconds the rpm/tpm limits are enforced over (60 = per minute; "
+            "1 = per second, quantized like OpenAI's)."
+        ),
+    )
     api_key: str = field(
         default="",
         repr=False,
@@ -180,6 +187,8 @@ class ServerOptions:
             raise ValueError(
                 "keepalive_interval_ms, batch_max_requests and batch_max_bytes must be positive"
             )
+        if not 0 < self.rate_window_s <= 60:
+            raise ValueError(f"rate_window_s must be in (0, 60], got {self.rate_window_s}")
         if self.reasoning_max_tokens < self.reasoning_min_tokens:
             raise ValueError("reasoning_max_tokens must not be less than reasoning_min_tokens")
         if not -(2**63) <= self.seed < 2**63:

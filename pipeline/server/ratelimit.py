@@ -1,6 +1,15 @@
 """OpenAI-style rate limits (pure; the caller passes the time): requests-per-minute and
-tokens-per-minute buckets that refill continuously over 60 s, and the ``x-ratelimit-*`` headers
-that tell a client where it stands."""
+tokens-per-minute buckets that refill continuously, and the ``x-ratelimit-*`` headers that tell
+a client where it stands.
+
+A limit is stated per minute but *enforced* over ``window_s`` seconds: each bucket holds
+``window_s`` seconds' worth of its limit (``limit * window_s / 60``, at least one unit) and
+refills at ``limit / 60`` per second. With the default 60 s a fresh bucket holds the whole
+minute; with 1 s it holds one second's worth, as OpenAI documents for quantized limits
+("60,000 requests/minute may be enforced as 1,000 requests/second"), so a client that sends
+its minute's budget in bunches is refused even though it stays within the minute.
+The headers always state the per-minute limit; ``remaining`` is what the bucket holds now and
+``reset`` the time until it is full again."""
 
 from __future__ import annotations
 
@@ -30,28 +39,31 @@ def format_duration(seconds: float) -> str:
 
 @dataclass(slots=True)
 class TokenBucket:
-    """``limit`` units per 60 s, refilled continuously, starting full."""
+    """``limit`` units per 60 s, refilled continuously, holding at most ``capacity`` (the
+    ``window_s`` seconds' worth it is enforced over), starting full."""
 
     limit: int
     level: float
     updated: float
+    capacity: float
 
     @classmethod
-    def full(cls, limit: int, now: float) -> TokenBucket:
-        return cls(limit=limit, level=float(limit), updated=now)
+    def full(cls, limit: int, now: float, window_s: float = WINDOW_S) -> TokenBucket:
+        capacity = max(1.0, limit * window_s / WINDOW_S)
+        return cls(limit=limit, level=capacity, updated=now, capacity=capacity)
 
     def refill(self, now: float) -> None:
         rate = self.limit / WINDOW_S
-        self.level = min(float(self.limit), self.level + (now - self.updated) * rate)
+        self.level = min(self.capacity, self.level + (now - self.updated) * rate)
         self.updated = now
 
     def wait_for(self, cost: float) -> float:
         """Seconds until ``cost`` units are available (after :meth:`refill`)."""
-        missing = min(cost, float(self.limit)) - self.level
+        missing = min(cost, self.capacity) - self.level
         return max(0.0, missing * WINDOW_S / self.limit)
 
     def until_full(self) -> float:
-        return (self.limit - self.level) * WINDOW_S / self.limit
+        return (self.capacity - self.level) * WINDOW_S / self.limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,11 +78,14 @@ class RateDecision:
 
 
 class RateLimiter:
-    """OpenAI-style requests/min and tokens/min buckets (0 = that limit is off)."""
+    """OpenAI-style requests/min and tokens/min buckets (0 = that limit is off), enforced
+    over ``window_s`` seconds (see the module docstring)."""
 
-    def __init__(self, rpm: int, tpm: int, now: float) -> None:
+    def __init__(self, rpm: int, tpm: int, now: float, window_s: float = WINDOW_S) -> None:
+        if not 0 < window_s <= WINDOW_S:
+            raise ValueError(f"window_s must be in (0, {WINDOW_S:g}], not {window_s}")
         self._buckets = {
-            name: TokenBucket.full(limit, now)
+            name: TokenBucket.full(limit, now, window_s)
             for name, limit in (("requests", rpm), ("tokens", tpm))
             if limit
         }
@@ -90,7 +105,7 @@ class RateLimiter:
             label = "requests per min (RPM)" if name == "requests" else "tokens per min (TPM)"
             message = (
                 f"Rate limit reached on {label}: Limit {bucket.limit}, "
-                f"Used {bucket.limit - int(bucket.level)}, Requested {costs[name]}. "
+                f"Used {int(bucket.capacity - bucket.level)}, Requested {costs[name]}. "
                 f"Please try again in {retry}s."
             )
             return RateDecision(
@@ -101,7 +116,7 @@ class RateLimiter:
                 message=message,
             )
         for name, bucket in self._buckets.items():
-            bucket.level -= min(costs[name], bucket.limit)
+            bucket.level -= min(costs[name], bucket.capacity)
         return RateDecision(allowed=True, headers=self.headers())
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:

@@ -27,6 +27,9 @@ class ServerStats:
         self.histogram: Counter[int] = Counter()
         self.max_sends = 0
         self.usage: Counter[str] = Counter()
+        self.first_request_at: float | None = None
+        """``time.monotonic()`` when the first request came (the clock every process on the
+        machine shares: benchmarks time a client's start-up with it)."""
 
     def record_send(self, key: bytes) -> None:
         """Count one receipt of the body identified by ``key``."""
@@ -74,4 +77,5 @@ class ServerStats:
             "max_sends_per_request": self.max_sends,
             "sends_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
             **{key: self.usage[key] for key in usage_keys},
+            "first_request_at": self.first_request_at,
         }

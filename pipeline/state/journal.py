@@ -61,11 +61,10 @@ class Intent:
     """What the request can cost at most (its prompt plus ``max_tokens`` of output)."""
 
     def to_json(self) -> str:
-        cost = None if self.worst_cost_usd is None else str(self.worst_cost_usd)
-        return json.dumps(
-            {"key": self.key, "row": self.row, "run": self.run, "worst_cost_usd": cost},
-            separators=(",", ":"),
-        )
+        # Formatted, not json.dumps'd (once per request): the key is a hex digest, the rest
+        # numbers; the same text as json.dumps(..., separators=(",", ":")).
+        cost = "null" if self.worst_cost_usd is None else f'"{self.worst_cost_usd}"'
+        return f'{{"key":"{self.key}","row":{self.row},"run":{self.run},"worst_cost_usd":{cost}}}'
 
 
 def _read(path: Path) -> bytes:

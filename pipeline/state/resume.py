@@ -10,7 +10,7 @@ their way and says which are finished, so that they can be sealed for the next r
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -66,8 +66,11 @@ class ResumeCursor:
         retry_failed: bool,
         select_rows: frozenset[int] | None = None,
         by_prefix: bool = False,
+        count: Callable[[list[PlannedRow]], list[PlannedRow]] = with_prompt_tokens,
     ) -> None:
         self._planner = planner
+        self._count = count
+        """Fills in the prompt tokens of the rows to send (exact, or upper bounds)."""
         self._journal = journal
         self._book = seals
         self._retry_failed = retry_failed
@@ -119,7 +122,7 @@ class ResumeCursor:
             ok=resumed_ok,
             failed=resumed_failed,
         )
-        return Step(start, rows, with_prompt_tokens(pending), resumed_ok, resumed_failed, track)
+        return Step(start, rows, self._count(pending), resumed_ok, resumed_failed, track)
 
     def tally(self, batch: pa.RecordBatch) -> tuple[int, int, int]:
         """How many rows of ``batch``, the input's next, are ok, failed and pending; like
@@ -150,7 +153,7 @@ class ResumeCursor:
             return Step(start, rows, [], 0, 0, None)
         planned = self._planner.plan(batch, start)
         pending, resumed_ok, resumed_failed = self._split(p for p in planned if p.row in select)
-        return Step(start, rows, with_prompt_tokens(pending), resumed_ok, resumed_failed, None)
+        return Step(start, rows, self._count(pending), resumed_ok, resumed_failed, None)
 
     def _split(self, planned: Iterable[PlannedRow]) -> tuple[list[PlannedRow], int, int]:
         """The rows to send, and how many an earlier run finished ok / failed."""
