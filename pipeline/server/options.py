@@ -145,13 +145,8 @@ class ServerOptions:
         return tuple(dict.fromkeys((*MODEL_IDS, *self.served_models)))
 
     def __post_init__(self) -> None:
-        served = self.served_models
-        if isinstance(served, str) or not all(isinstance(name, str) for name in served):
-            raise ValueError(f"served_models must be a sequence of model names, got {served!r}")
-        for name in served:
-            if not name.strip() or "," in name:
-                raise ValueError(f"served_models: {name!r} is not a model name")
-        object.__setattr__(self, "served_models", tuple(served))  # a list becomes a tuple
+        # a list becomes a tuple
+        object.__setattr__(self, "served_models", _model_names(self.served_models))
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         for name in (
@@ -193,3 +188,13 @@ class ServerOptions:
             raise ValueError("reasoning_max_tokens must not be less than reasoning_min_tokens")
         if not -(2**63) <= self.seed < 2**63:
             raise ValueError("seed must fit in 64 bits")
+
+
+def _model_names(served: object) -> tuple[str, ...]:
+    """``served_models`` checked: a sequence of model names (not one string)."""
+    if isinstance(served, str) or not isinstance(served, (list, tuple)):
+        raise ValueError(f"served_models must be a sequence of model names, got {served!r}")
+    for name in served:
+        if not isinstance(name, str) or not name.strip() or "," in name:
+            raise ValueError(f"served_models: {name!r} is not a model name")
+    return tuple(served)
