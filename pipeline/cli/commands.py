@@ -107,6 +107,16 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Append plain log lines here: the figures, every retry and failed row, the summary.",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run across a Ray cluster: no ADDRESS starts a local one, 'auto' joins the running one.",
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Ray workers (default: [cluster]).")
 @report_errors
 def run(
     job_file: str,
@@ -126,6 +136,8 @@ def run(
     verbose: bool,
     quiet: bool,
     log_file: Path | None,
+    ray_address: str | None,
+    workers: int | None,
 ) -> None:
     """Run JOB_FILE: send one request per input row and write the output Parquet.
 
@@ -164,6 +176,21 @@ def run(
     api_key = api_key_for(job)
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet cannot be used together.")
+    if workers is not None and ray_address is None and job.cluster.engine != "ray":
+        raise click.UsageError("--workers is for a run on a Ray cluster: add --ray.")
+    if ray_address is not None or job.cluster.engine == "ray":
+        from pipeline.cli.cluster import require_ray, run_on_cluster
+
+        require_ray()
+        with endpoint(job) as target:
+            run_on_cluster(
+                target,
+                address=ray_address,
+                workers=workers,
+                fresh=fresh,
+                retry_failed=retry_failed,
+                quiet=quiet,
+            )
     reporter: Reporter = LiveReporter(verbose=verbose, quiet=quiet)
     if log_file is not None:
         from pipeline.cli.logfile import Fanout, PlainLog
@@ -268,9 +295,15 @@ def status(
         model=model,
         local=local,
     )
-    job = load_to_read(job_file, limit=limit)
-    context = JobContext(show_notices(apply_overrides(job, overrides)))
-    report = job_status(context, context.scan())
+    job = show_notices(apply_overrides(load_to_read(job_file, limit=limit), overrides))
+    from pipeline.cluster.status import cluster_status, shard_plan
+
+    plan = shard_plan(job)
+    if plan is not None:  # the job ran on a cluster: its shards, added up
+        report = cluster_status(job, plan)
+    else:
+        context = JobContext(job)
+        report = job_status(context, context.scan())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -31,6 +31,7 @@ from pipeline.job.spec import (
     DEFAULT_BASE_URL,
     DEFAULT_MODEL,
     BudgetSpec,
+    ClusterSpec,
     Endpoint,
     InputFormat,
     InputSpec,
@@ -97,6 +98,14 @@ class _Output(_Strict):
 
 class _Budget(_Strict):
     max_cost_usd: float | None = Field(default=None, gt=0)
+
+
+class _Cluster(_Strict):
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = Field(default=None, min_length=1)
+    workers: int = Field(default=4, ge=1, le=10_000)
+    shard_rows: int | None = Field(default=None, ge=1)
+    state_root: str | None = Field(default=None, min_length=1)
 
 
 class _Pricing(_Strict):
@@ -168,6 +177,7 @@ class _Job(_Strict):
     output: _Output
     pricing: _Pricing | None = None
     budget: _Budget = Field(default_factory=_Budget)
+    cluster: _Cluster = Field(default_factory=_Cluster)
 
 
 _SECTION_HELP = {
@@ -179,9 +189,11 @@ _SECTION_HELP = {
     "requests_per_minute, tokens_per_minute",
     "output": "path, keep_columns, state_dir, schema, schema_from_tool, max_reasks",
     "budget": "max_cost_usd",
+    "cluster": "engine, address, workers, shard_rows, state_root",
     "pricing": "input, cached_input, output (USD per million tokens), off_peak_start, "
     "off_peak_end (UTC, HH:MM), off_peak_discount (fraction paid off-peak)",
-    "": "name and the tables [input], [request], [limits], [output], [pricing], [budget]",
+    "": "name and the tables [input], [request], [limits], [output], [pricing], [budget], "
+    "[cluster]",
 }
 
 
@@ -412,6 +424,17 @@ def job_from_dict(tables: Mapping[str, Any], path: Path | str = "<job dict>") ->
         ),
         pricing=pricing,
         budget=BudgetSpec(max_cost_usd=_decimal(job.budget.max_cost_usd)),
+        cluster=ClusterSpec(
+            engine=job.cluster.engine,
+            address=job.cluster.address,
+            workers=job.cluster.workers,
+            shard_rows=job.cluster.shard_rows,
+            state_root=(
+                None
+                if job.cluster.state_root is None
+                else str(source.parent / Path(job.cluster.state_root).expanduser())
+            ),
+        ),
         notices=paths.notices,
     )
 
