@@ -57,6 +57,7 @@ def make_job(
     *,
     rows: int,
     max_in_flight: int = 32,
+    limits: str = "",
     extra: str = "",
 ) -> Path:
     texts = [f"row {i} says hello" for i in range(rows)]
@@ -77,6 +78,7 @@ thinking = {{ type = "disabled" }}
 max_in_flight = {max_in_flight}
 max_attempts = 30
 max_retry_wait_s = 0.05
+{limits}
 [pricing]
 {PRICE}
 [output]
@@ -155,23 +157,46 @@ def _numbered(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[int, pa.Recor
 def test_a_hidden_cap_is_found_once_for_the_whole_cluster(
     tmp_path: Path, local_server: Callable[..., str], ray_address: str
 ) -> None:
-    """Test 2: the server takes 40 in flight, the job allows 256."""
-    base = local_server(latency_ms=50, max_concurrency=40)
-    rows = 4000
+    """Test 2: the server takes 40 in flight, the job allows 256. At 250 ms the run is not
+    CPU-bound here, so the server's own per-second figures show how well the cluster shares
+    the cap it found: the average in flight over 40, after the first 10 s."""
+    base = local_server(latency_ms=250, max_concurrency=40)
+    rows = 3600
     job = make_job(tmp_path, base, rows=rows, max_in_flight=256)
-    started = time.monotonic()
     report = pipeline_ray.run_job(str(job), workers=4, shard_rows=rows // 4)
-    elapsed = time.monotonic() - started
     stats = server_stats(base)
     assert report.output_written
     assert report.ok == rows
     assert statuses(tmp_path) == {"ok"}
     share_429 = stats["429"] / stats["requests_total"]
+    used = steady_utilisation(stats["per_second"], 40, skip_s=10, latency_s=0.25)
     print(
         f"\ntest 2: 429s {stats['429']} of {stats['requests_total']} ({share_429:.2%}), "
-        f"{rows / elapsed:.0f} req/s (ideal {40 / 0.05:.0f})"
+        f"steady utilisation {used:.1%} of 40 in flight, calls/request "
+        f"{report.calls / report.requests:.4f}"
     )
     assert share_429 < 0.02
+    assert used >= UTILISATION_FLOOR
+
+
+UTILISATION_FLOOR = 0.75
+"""What test 2 asserts: the issue's target is 0.85; this loaded 2-core machine measured
+89.3% at 300 ms (bench/ray_throughput.py --scenario hidden), so the test asserts a looser
+floor; the figure it measured is printed."""
+
+
+def steady_utilisation(
+    series: dict[str, list[float]], cap: int, *, skip_s: float, latency_s: float
+) -> float:
+    """The server's average in flight over ``cap`` from ``skip_s`` after the first request to
+    the last shards' drain (as bench/ray_throughput.py)."""
+    arrivals, in_flight = series["arrivals"], series["in_flight"]
+    busy = [second for second, count in enumerate(arrivals) if count]
+    first = busy[0] + int(skip_s + 0.999)
+    last = busy[-1] - int(latency_s + 0.999) - 1
+    window = in_flight[first : last + 1]
+    assert len(window) >= 5, series
+    return sum(window) / len(window) / cap
 
 
 def test_the_budget_stops_the_whole_cluster_and_a_rerun_sends_no_finished_row(
@@ -290,6 +315,72 @@ def test_a_killed_driver_is_finished_by_the_same_command(
     again = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stderr
     assert server_stats(base)["requests_total"] == stats["requests_total"]
+
+
+def test_the_rate_budget_holds_for_the_whole_cluster(
+    tmp_path: Path, local_server: Callable[..., str], ray_address: str
+) -> None:
+    """requests_per_minute is one budget for the 4 workers: the server, with the same limit,
+    answers no 429, and no stretch of seconds it measured holds more than the limit allows
+    (a second's burst included)."""
+    rpm, rows = 1200, 160
+    base = local_server(latency_ms=50, profile="openai", rpm=rpm)
+    job = make_job(tmp_path, base, rows=rows, limits=f"requests_per_minute = {rpm}")
+    report = pipeline_ray.run_job(str(job), workers=4, shard_rows=rows // 4)
+    stats = server_stats(base)
+    assert report.output_written
+    assert (report.ok, stats["requests_total"], stats["429"]) == (rows, rows, 0)
+    arrivals = stats["per_second"]["arrivals"]
+    per_s = rpm / 60
+    worst = max(
+        sum(arrivals[first : first + width]) - (width + 1) * per_s
+        for width in range(1, len(arrivals) + 1)
+        for first in range(len(arrivals) - width + 1)
+    )
+    busiest = max(arrivals)
+    print(
+        f"\nrate test: {rows} requests in {len(arrivals)} s, busiest second {busiest:.0f} "
+        f"(limit {per_s:.0f}/s), worst excess over the limit {worst:.1f}, "
+        f"coordinator calls {report.calls}"
+    )
+    assert worst <= 1
+
+
+def test_single_machine_and_cluster_runs_of_a_job_pay_nothing_twice(
+    tmp_path: Path, local_server: Callable[..., str], ray_address: str
+) -> None:
+    """A cluster run counts the rows a single-machine run answered; a single-machine run
+    after a cluster run is refused (exit 2) before sending anything."""
+    from click.testing import CliRunner
+
+    from pipeline import estimate_job
+    from pipeline.cli.commands import cli
+
+    base = local_server(latency_ms=20)
+    rows = 600
+    job = make_job(tmp_path, base, rows=rows)
+    estimate = estimate_job(str(job))
+    assert estimate.cost is not None
+    cap = (estimate.cost.expected / 3).quantize(Decimal("0.000001"))
+    runner = CliRunner()
+    single = runner.invoke(cli, ["run", str(job), "-q", "--max-cost", str(cap)])
+    assert single.exit_code == 4, single.output
+    answered = server_stats(base)["requests_total"]
+    assert 0 < answered < rows
+    ray_args = ["run", str(job), "--ray", ray_address, "--workers", "4"]
+    cluster = runner.invoke(cli, [*ray_args, "--max-cost", str(cap * 4)])
+    assert cluster.exit_code == 0, cluster.output
+    assert f"{answered:,} row(s) answered by the job's single-machine runs" in cluster.output
+    stats = server_stats(base)
+    assert stats["max_sends_per_request"] == 1  # no row answered on one machine went again
+    assert stats["requests_total"] == rows
+    assert read_ids(tmp_path) == list(range(rows))
+    assert statuses(tmp_path) == {"ok"}
+    again = runner.invoke(cli, ["run", str(job), "-q"])
+    assert again.exit_code == 2, again.output
+    assert "--ray" in again.output
+    assert server_stats(base)["requests_total"] == rows
+    print(f"\nmixed modes: {answered} rows on one machine, {rows - answered} on the cluster")
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float = 90.0) -> None:

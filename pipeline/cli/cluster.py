@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli.cluster_display import ClusterLive
 from pipeline.cluster.driver import ClusterReport, ClusterReporter, cluster_options, run_cluster
 from pipeline.cluster.leases import Figures
 from pipeline.cluster.plan import ShardPlan
@@ -51,6 +52,9 @@ class ClusterLines(ClusterReporter):
     def notice(self, message: str) -> None:
         click.echo(message, err=True)
 
+    def close(self) -> None:
+        """Nothing stays on screen."""
+
     def update(self, figures: Figures, report: ClusterReport) -> None:
         if self.quiet:
             return
@@ -69,14 +73,25 @@ class ClusterLines(ClusterReporter):
             err=True,
         )
         for name, progress in sorted(figures.workers.items()):
+            age = figures.last_call_s.get(name)
+            called = "" if age is None else f", last call {age:.1f} s ago"
             click.echo(
                 f"  {name}: shard {progress.shard or '(starting)'} {progress.rows_done:,}/"
                 f"{progress.rows_total:,} rows, {progress.in_flight} in flight, "
-                f"{figures.permits.get(name, 0)} permits",
+                f"{figures.permits.get(name, 0)} permits{called}",
                 err=True,
             )
         if figures.expired:
             click.echo(f"  {figures.expired} lease(s) expired (a worker died)", err=True)
+
+
+def cluster_reporter(*, quiet: bool) -> ClusterLines | ClusterLive:
+    """A live display on a terminal, plain lines elsewhere (or with ``-q``)."""
+    from rich.console import Console
+
+    if not quiet and Console(file=sys.stderr).is_terminal:
+        return ClusterLive()
+    return ClusterLines(quiet=quiet)
 
 
 def require_ray() -> None:
@@ -105,15 +120,19 @@ def run_on_cluster(
         fresh=fresh or None,
         retry_failed=retry_failed or None,
     )
+    reporter = cluster_reporter(quiet=quiet)
     try:
-        report = run_cluster(job, options, reporter=ClusterLines(quiet=quiet))
+        report = run_cluster(job, options, reporter=reporter)
     except KeyboardInterrupt:
+        reporter.close()
         click.echo(
             "\ninterrupted: finished rows are saved in the shards' state folders. Run the same "
             "command again to resume.",
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        reporter.close()
     click.echo(summary(report), err=True)
     if report.over_budget:
         figures = report.figures

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.cluster.actors import Coordinator, ShardResult, ShardTask, ShardWorker
 from pipeline.cluster.leases import TTL_S, Figures
 from pipeline.cluster.plan import PLAN_FILE, SHARDS, Shard, ShardPlan, plan_shards, shard_rows_for
+from pipeline.cluster.seed import seed_shards, seeded
 from pipeline.engine.context import JobContext
 from pipeline.errors import JobFileError, PipelineError, StateError
 from pipeline.io.remote import is_url
@@ -155,6 +156,8 @@ def plan_for(job: JobSpec, options: ClusterOptions) -> tuple[JobContext, InputSc
     shard_rows = options.shard_rows or shard_rows_for(scan.rows, options.workers)
     plan = plan_shards(scan.rows, shard_rows, fingerprint)
     _write_slices(context, scan, plan, root)
+    if not options.fresh:  # rows the job answered on one machine count as answered
+        seed_shards(job, plan, root)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = plan_file.with_name(PLAN_FILE + ".partial")
     tmp.write_text(plan.to_json())
@@ -221,8 +224,14 @@ def shard_done(shard: Shard, root: Path) -> dict[str, Any] | None:
 
 
 def earlier_spend(job: JobSpec, plan: ShardPlan, root: Path) -> Decimal | None:
-    """What the shards' earlier runs spent (None: some ran without a price)."""
+    """What the shards' earlier runs spent, and the job's single-machine runs before them
+    (None: some ran without a price)."""
     total = Decimal(0)
+    before = seeded(root)
+    if before is not None:
+        if before.spent_usd is None:
+            return None
+        total += before.spent_usd
     for shard in plan.shards:
         folder = shard.state_path(root)
         if not folder.exists():
@@ -285,12 +294,22 @@ def run_cluster(
 ) -> ClusterReport:
     """Run ``job`` across a Ray cluster; see the module's docstring."""
     reporter = reporter or ClusterReporter()
+    root = state_root_of(job, options)
+    planned = not options.fresh and (root / SHARDS / PLAN_FILE).exists()
     context, scan, plan = plan_for(job, options)
     context.check_before_sending(write_output=True)
-    root = state_root_of(job, options)
     report = ClusterReport(
         job=job.name, output=Path(job.output.path), rows=scan.rows, shards=len(plan.shards)
     )
+    taken = None if planned else seeded(root)
+    if taken is not None:
+        report.resent += taken.unanswered
+        left = f"; {taken.unanswered} request(s) it left in flight go again" * bool(
+            taken.unanswered
+        )
+        reporter.notice(
+            f"{taken.rows:,} row(s) answered by the job's single-machine runs count as done{left}."
+        )
     todo: list[Shard] = []
     for shard in plan.shards:
         done = shard_done(shard, root)

@@ -27,6 +27,9 @@ the congestion epoch it was sent in, its latency and its tokens; the dollars spe
 - **Leases expire.** A worker that has not called within ``ttl_s`` is presumed dead: its
   grants go back (as errors: they may have reached the provider), and the dollars its
   requests in flight had reserved count as spent (they may be billed).
+- **Rates.** When the job sets ``requests_per_minute`` or ``tokens_per_minute``, each request
+  also needs a *start*, leased from one rate window for the whole cluster
+  (:mod:`pipeline.cluster.starts`); the limiter state then bounds only what is in flight.
 - **Idempotent calls.** Each call carries an id; a call seen before gets its first answer
   again and changes nothing, so a retried actor call never grants twice.
 """
@@ -38,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
+from pipeline.cluster.starts import StartBook, Starts
 from pipeline.money.budget import Budget
 from pipeline.provider.limits import (
     Grant,
@@ -53,9 +57,9 @@ ZERO = Decimal(0)
 TTL_S = 15.0
 """How long a lease lasts without a call."""
 REMEMBERED_CALLS = 8
+"""Answers kept per worker for calls that might be retried."""
 MIN_STEP = 4
 """A worker's lease may grow to at least this many permits at once."""
-"""Answers kept per worker for calls that might be retried."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +77,8 @@ class Report:
     retry_after_s: float | None = None
     kept: bool = True
     """The worker keeps the permit for its next request (else it gives it back)."""
+    start: int | None = None
+    """The start the request was sent with (a job with a rate budget)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +117,12 @@ class SyncCall:
     leaving: bool = False
     """The worker is done: everything it holds goes back."""
     progress: Progress = Progress()
+    starts_wanted: int = 0
+    """Starts the worker could use now (a job with a rate budget)."""
+    start_tokens: int = 0
+    """The estimated tokens of its largest request."""
+    starts_returned: tuple[int, ...] = ()
+    """Starts it did not use (too old, or it is leaving)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +140,8 @@ class SyncReply:
     ttl_s: float
     spare: bool
     """Permits are free now: a worker that wants more may call again soon."""
+    starts: Starts | None = None
+    """Starts lent by this answer (a job with a rate budget)."""
 
 
 @dataclass(slots=True)
@@ -166,6 +180,8 @@ class Figures:
     workers: dict[str, Progress]
     permits: dict[str, int]
     expired: int
+    last_call_s: dict[str, float] = field(default_factory=dict)
+    """Seconds since each worker's last call."""
 
 
 class LeaseBook:
@@ -180,7 +196,11 @@ class LeaseBook:
         ttl_s: float = TTL_S,
         rng: random.Random | None = None,
     ) -> None:
-        self.state = LimiterState(config, rng=rng or random.Random())
+        rated = config.requests_per_minute or config.tokens_per_minute
+        self.starts = StartBook(config) if rated else None
+        # The rate budgets are the start book's; the state bounds what is in flight.
+        unrated = replace(config, requests_per_minute=None, tokens_per_minute=None)
+        self.state = LimiterState(unrated, rng=rng or random.Random())
         self.budget = None if cap_usd is None else Budget(cap=cap_usd, spent=spent_usd)
         self.unknown_spend = False
         self.ttl_s = ttl_s
@@ -210,10 +230,14 @@ class LeaseBook:
         lease.reach = min(call.want, max(MIN_STEP, 2 * lease.permits))
         for report in call.reports:
             self._report(now, call.worker, lease, report)
+        if self.starts is not None:
+            self.starts.returned(now, call.starts_returned)
         self._rebalance(now, lease)
         self._settle_dollars(lease, call)
         if call.leaving:
             self._close(now, lease, spend_reserved=False)
+            if self.starts is not None:
+                self.starts.forget(call.worker)
             lease.want = 0
             reply = self._reply(now, permits=0, share=0, dollars=ZERO)
             del self.leases[call.worker]
@@ -227,6 +251,16 @@ class LeaseBook:
         self._fill_pool(now)
         dollars = self._lend(lease, call)
         reply = self._reply(now, permits=lease.permits, share=share, dollars=dollars)
+        if self.starts is not None and call.starts_wanted > 0:
+            sharers = sum(1 for other in self.leases.values() if other.want > 0)
+            starts = self.starts.lend(
+                now,
+                call.worker,
+                wanted=call.starts_wanted,
+                tokens=max(0, call.start_tokens),
+                sharers=sharers,
+            )
+            reply = replace(reply, starts=starts)
         lease.answers[call.call_id] = reply
         while len(lease.answers) > REMEMBERED_CALLS:
             lease.answers.popitem(last=False)
@@ -237,6 +271,8 @@ class LeaseBook:
         for worker, lease in list(self.leases.items()):
             if lease.expires < now:
                 self._close(now, lease, spend_reserved=True)
+                if self.starts is not None:
+                    self.starts.forget(worker)
                 del self.leases[worker]
                 self.expired += 1
 
@@ -267,6 +303,10 @@ class LeaseBook:
             workers={name: lease.progress for name, lease in self.leases.items()},
             permits={name: lease.permits for name, lease in self.leases.items()},
             expired=self.expired,
+            last_call_s={
+                name: max(0.0, now - (lease.expires - self.ttl_s))
+                for name, lease in self.leases.items()
+            },
         )
 
     def learned(self, now: float) -> LearnedLimit:
@@ -285,6 +325,11 @@ class LeaseBook:
         """Let the state learn from one finished request; the permit it used stays with the
         worker (backed again if the state allows) unless the worker gave it back."""
         self.reports += 1
+        if self.starts is not None:
+            if report.start is not None:
+                self.starts.used(now, report.start, report.actual_tokens)
+            if report.headers is not None:
+                self.starts.learn(now, report.headers, report.tokens)
         if lease.grants:
             grant = lease.grants.pop(0)
             sent = replace(grant, granted_at=now - max(0.0, report.latency_s), epoch=report.epoch)

@@ -14,9 +14,17 @@ call, which the shortage makes happen at once.
 The worker calls the coordinator when one of these holds, at most every ``min_interval_s``:
 a 429 came back; it waits for permits or dollars and the last answer said some were free;
 ``batch`` outcomes are waiting; it holds more permits than its share and gave some back;
-or a third of the lease's time-to-live has passed (the lease must not expire). In steady
+it could use more permits than it holds (every ``HUNGRY_S``, or ``HUNGRY_SPARE_S`` when the
+coordinator said some are free: the cap grew, another worker's shard ended); or a third of the
+lease's time-to-live has passed (the lease must not expire). In steady
 state that is one call per ``batch`` requests or per ``ttl_s / 3`` seconds: far under one call
 per hundred requests at the request rates a cluster is for.
+
+A job with ``requests_per_minute`` or ``tokens_per_minute`` also spends one leased *start* per
+request (:mod:`pipeline.cluster.starts`): a request waits while the worker holds none, and the
+worker asks for more every ``min_interval_s`` (or when the coordinator says the window frees
+one), so such a run calls the coordinator up to ``1 / min_interval_s`` times a second per
+worker while the rate budget, not the cap, is what holds it back.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import anyio
 import anyio.lowlevel
 
 from pipeline.cluster.leases import TTL_S, ZERO, Progress, Report, SyncCall, SyncReply
+from pipeline.cluster.starts import StartStock
 from pipeline.money.budget import Budget, Decision
 from pipeline.provider.limiter import Limiter
 from pipeline.provider.limits import Grant, LimiterConfig, LimiterSnapshot, Outcome
@@ -45,12 +54,18 @@ if TYPE_CHECKING:
 Call = Callable[[SyncCall], Awaitable[SyncReply]]
 BATCH = 256
 MIN_INTERVAL_S = 0.2
+HUNGRY_S = 2.5
+"""How often a worker that could use more permits than it holds calls..."""
+HUNGRY_SPARE_S = 1.0
+"""... and how often when the coordinator's last answer said permits were free."""
 
 
 @dataclass(slots=True, eq=False)
 class _Waiter:
+    tokens: int = 0
     event: anyio.Event = field(default_factory=anyio.Event)
     granted: bool = False
+    start: int = 0
 
 
 class LeasedLimiter(Limiter):
@@ -98,47 +113,11 @@ class LeasedBudget(Budget):
         self.link.settle(reserved, actual)
 
 
-class ShardLink:
-    """The leases of one worker, and its calls to the coordinator."""
+class _Dollars:
+    """The dollars a worker holds, leased from the coordinator."""
 
-    def __init__(
-        self,
-        call: Call,
-        *,
-        worker: str,
-        batch: int = BATCH,
-        min_interval_s: float = MIN_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._call = call
-        self.worker = worker
-        self._batch = batch
-        self._min_interval_s = min_interval_s
-        self._clock = clock
-        self._ids = itertools.count(1)
-        self._grant_ids = itertools.count(1)
-        # Permits.
-        self.held = 0
-        self.in_use = 0
-        self._given_back = 0
-        """Permits given back so far (those given back during a call are not in its answer)."""
-        self._queue: deque[_Waiter] = deque()
-        self.share = 0
-        self.epoch = 0
-        self.spare = True
-        self._reports: list[Report] = []
-        self._wake_sync = anyio.Event()
-        self._urgent = False
-        self._snapshot: LimiterSnapshot | None = None
-        self._config: LimiterConfig | None = None
-        self._last_call = -math.inf
-        self._starved_wait_s = min_interval_s
-        """How long a worker waiting for permits waits between calls: doubled while calls
-        bring none (the cap is all out), back to ``min_interval_s`` when one does."""
-        self._ttl_s = TTL_S
-        # Dollars.
+    def __init__(self) -> None:
         self.budget: LeasedBudget | None = None
-        self._accounts: Accounts | None = None
         self.stock = ZERO
         self.reserved = ZERO
         self._spent: Decimal | None = ZERO
@@ -146,111 +125,10 @@ class ShardLink:
         self._need = ZERO
         self._largest = ZERO
         self.exhausted = False
-        self.progress = Progress()
-        self.calls = 0
 
-    # -- SharedLimits -------------------------------------------------------------------------
-
-    def limiter(self, config: LimiterConfig) -> Limiter:
-        self._config = config
-        return LeasedLimiter(config, self)
-
-    def budget_for(self, cap: Decimal) -> LeasedBudget:
-        self.budget = LeasedBudget(cap, self)
-        return self.budget
-
-    def bind(self, accounts: Accounts) -> None:
-        self._accounts = accounts
-
-    # -- permits -------------------------------------------------------------------------------
-
-    async def acquire(self, tokens: int) -> Grant:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if self.in_use < self.held and not self._queue:
-            self.in_use += 1
-        else:
-            waiter = _Waiter()
-            self._queue.append(waiter)
-            if self.held < max(1, self.share):
-                self._wake()
-            try:
-                await waiter.event.wait()
-            except BaseException:
-                if waiter.granted:
-                    self.in_use -= 1
-                    self._dispatch()
-                else:
-                    self._queue.remove(waiter)
-                raise
-        return Grant(
-            id=next(self._grant_ids), tokens=tokens, granted_at=self._clock(), epoch=self.epoch
-        )
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def _dispatch(self) -> None:
-        """Hand free permits to the waiting requests, first come first served."""
-        while self._queue and self.in_use < self.held:
-            waiter = self._queue.popleft()
-            waiter.granted = True
-            self.in_use += 1
-            waiter.event.set()
-
-    def release(
-        self,
-        grant: Grant,
-        *,
-        outcome: Outcome,
-        actual_tokens: int | None = None,
-        headers: RateLimitHeaders | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        self.in_use -= 1
-        give_back = outcome == "rate_limited" or self.held > self.share
-        if give_back:
-            self.held -= 1
-            self._given_back += 1
-        self._reports.append(
-            Report(
-                outcome=outcome,
-                epoch=grant.epoch,
-                latency_s=self._clock() - grant.granted_at,
-                tokens=grant.tokens,
-                actual_tokens=actual_tokens,
-                headers=headers,
-                retry_after_s=retry_after_s,
-                kept=not give_back,
-            )
-        )
-        if give_back:
-            self._urgent = True  # the coordinator can lend it to a worker that waits for it
-            self._wake()
-        elif len(self._reports) >= self._batch:
-            self._wake()
-        self._dispatch()
-
-    def snapshot(self) -> LimiterSnapshot:
-        if self._snapshot is None:
-            assert self._config is not None
-            return LimiterSnapshot(
-                cap=0,
-                max_in_flight=self._config.max_in_flight,
-                in_flight=self.in_use,
-                waiting=self.waiting,
-                requests_last_minute=0,
-                tokens_last_minute=0,
-                requests_per_minute=self._config.requests_per_minute,
-                tokens_per_minute=self._config.tokens_per_minute,
-                rate_limited=0,
-                cuts=0,
-                cooling_until=None,
-            )
-        # The cluster's cap, what the coordinator learned; this worker's in flight.
-        return _with(self._snapshot, in_flight=self.in_use, waiting=self.waiting)
-
-    # -- dollars -------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        """Call the coordinator soon."""
+        raise NotImplementedError
 
     def reserve(self, worst: Decimal) -> Decision:
         self._largest = max(self._largest, worst)
@@ -280,6 +158,171 @@ class ShardLink:
             self.budget.reserved = self.reserved
             self.budget.spent += spent
 
+
+class ShardLink(_Dollars):
+    """The leases of one worker, and its calls to the coordinator."""
+
+    def __init__(
+        self,
+        call: Call,
+        *,
+        worker: str,
+        batch: int = BATCH,
+        min_interval_s: float = MIN_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._call = call
+        self.worker = worker
+        self._batch = batch
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._grant_ids = itertools.count(1)
+        # Permits.
+        self.held = 0
+        self.in_use = 0
+        self._given_back = 0
+        """Permits given back so far (those given back during a call are not in its answer)."""
+        self._queue: deque[_Waiter] = deque()
+        self.share = 0
+        self.epoch = 0
+        self.spare = True
+        self._reports: list[Report] = []
+        self._wake_sync = anyio.Event()
+        self._urgent = False
+        self._snapshot: LimiterSnapshot | None = None
+        self._config: LimiterConfig | None = None
+        self._last_call = -math.inf
+        self._starved_wait_s = min_interval_s
+        """How long a worker waiting for permits waits between calls: doubled while calls
+        bring none (the cap is all out), back to ``min_interval_s`` when one does."""
+        self._ttl_s = TTL_S
+        self._accounts: Accounts | None = None
+        self.progress = Progress()
+        self.calls = 0
+        self._starts = StartStock()
+        """Starts held (a job with a rate budget)."""
+
+    # -- SharedLimits -------------------------------------------------------------------------
+
+    def limiter(self, config: LimiterConfig) -> Limiter:
+        self._config = config
+        self._starts.rated = bool(config.requests_per_minute or config.tokens_per_minute)
+        return LeasedLimiter(config, self)
+
+    def budget_for(self, cap: Decimal) -> LeasedBudget:
+        self.budget = LeasedBudget(cap, self)
+        return self.budget
+
+    def bind(self, accounts: Accounts) -> None:
+        self._accounts = accounts
+
+    # -- permits -------------------------------------------------------------------------------
+
+    async def acquire(self, tokens: int) -> Grant:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._starts.largest = max(self._starts.largest, tokens)
+        if (
+            self.in_use < self.held
+            and not self._queue
+            and self._starts.can_start(self._clock(), tokens)
+        ):
+            self.in_use += 1
+            start = self._starts.take()
+        else:
+            waiter = _Waiter(tokens=tokens)
+            self._queue.append(waiter)
+            if self.held < max(1, self.share) or not self._starts.can_start(self._clock(), tokens):
+                self._wake()
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter.granted:
+                    self.in_use -= 1
+                    self._starts.give_back(waiter.start)
+                    self._dispatch()
+                else:
+                    self._queue.remove(waiter)
+                raise
+            start = waiter.start
+        return Grant(
+            id=start or next(self._grant_ids),
+            tokens=tokens,
+            granted_at=self._clock(),
+            epoch=self.epoch,
+        )
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def _dispatch(self) -> None:
+        """Hand free permits to the waiting requests, first come first served."""
+        while (
+            self._queue
+            and self.in_use < self.held
+            and self._starts.can_start(self._clock(), self._queue[0].tokens)
+        ):
+            waiter = self._queue.popleft()
+            waiter.granted = True
+            waiter.start = self._starts.take()
+            self.in_use += 1
+            waiter.event.set()
+
+    def release(
+        self,
+        grant: Grant,
+        *,
+        outcome: Outcome,
+        actual_tokens: int | None = None,
+        headers: RateLimitHeaders | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.in_use -= 1
+        give_back = outcome == "rate_limited" or self.held > self.share
+        if give_back:
+            self.held -= 1
+            self._given_back += 1
+        self._reports.append(
+            Report(
+                outcome=outcome,
+                epoch=grant.epoch,
+                latency_s=self._clock() - grant.granted_at,
+                tokens=grant.tokens,
+                actual_tokens=actual_tokens,
+                headers=headers,
+                retry_after_s=retry_after_s,
+                kept=not give_back,
+                start=grant.id if self._starts.rated else None,
+            )
+        )
+        if give_back:
+            self._urgent = True  # the coordinator can lend it to a worker that waits for it
+            self._wake()
+        elif len(self._reports) >= self._batch:
+            self._wake()
+        self._dispatch()
+
+    def snapshot(self) -> LimiterSnapshot:
+        if self._snapshot is None:
+            assert self._config is not None
+            return LimiterSnapshot(
+                cap=0,
+                max_in_flight=self._config.max_in_flight,
+                in_flight=self.in_use,
+                waiting=self.waiting,
+                requests_last_minute=0,
+                tokens_last_minute=0,
+                requests_per_minute=self._config.requests_per_minute,
+                tokens_per_minute=self._config.tokens_per_minute,
+                rate_limited=0,
+                cuts=0,
+                cooling_until=None,
+            )
+        # The cluster's cap, what the coordinator learned; this worker's in flight.
+        return _with(self._snapshot, in_flight=self.in_use, waiting=self.waiting)
+
     # -- the calls --------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -302,9 +345,20 @@ class ShardLink:
         wants = self._urgent or len(self._reports) >= self._batch or self._need > ZERO
         if wants:
             return max(0.0, self._min_interval_s - since)
+        if (
+            self._starts.rated
+            and self._queue
+            and not self._starts.can_start(self._clock(), self._queue[0].tokens)
+        ):
+            frees = max(self._min_interval_s - since, self._starts.ready_at - self._clock())
+            return max(0.0, frees)
         starved = self.waiting > 0 and self.in_use >= self.held and self.held < max(1, self.share)
         if starved:
             return max(0.0, self._starved_wait_s - since)
+        if self.waiting > 0 and self.in_use >= self.held and self.held < self.demand():
+            # Hungry: the cluster's cap may have grown, or another worker's shard ended.
+            hungry_s = HUNGRY_SPARE_S if self.spare else HUNGRY_S
+            return max(0.0, min(self._ttl_s / 3, hungry_s) - since)
         return self._ttl_s / 3 - since
 
     async def sync(self, *, leaving: bool = False) -> SyncReply:
@@ -316,6 +370,16 @@ class ShardLink:
         need, self._need = self._need, ZERO
         self._urgent = False
         want = 0 if leaving else self.demand()
+        if leaving:
+            self._starts.leave()
+        else:
+            self._starts.can_start(
+                self._clock(), self._starts.largest
+            )  # gives back starts too old or too small
+        returned_starts = self._starts.returned()
+        starts_wanted = 0
+        if self._starts.rated and not leaving:
+            starts_wanted = max(0, min(want, self.waiting + self.held) - len(self._starts))
         per_request = max(self._largest, need)
         call = SyncCall(
             worker=self.worker,
@@ -331,6 +395,9 @@ class ShardLink:
             need=need,
             leaving=leaving,
             progress=self.progress,
+            starts_wanted=starts_wanted,
+            start_tokens=self._starts.largest,
+            starts_returned=returned_starts,
         )
         self._last_call = self._clock()
         given_back = self._given_back
@@ -361,6 +428,8 @@ class ShardLink:
         self._snapshot = reply.snapshot
         self._ttl_s = reply.ttl_s
         self.stock += reply.dollars
+        if reply.starts is not None:
+            self._starts.add(self._clock(), reply.starts)
         if reply.exhausted:
             self.exhausted = True
         if self._accounts is not None:

@@ -45,7 +45,7 @@ from pipeline.engine.context import JobContext
 from pipeline.engine.control import RunControl
 from pipeline.engine.report import Reporter, RunReport
 from pipeline.engine.sender import RowSender, answer_rules, retry_policy
-from pipeline.engine.shared import SharedLimits
+from pipeline.engine.shared import SharedLimits, forget_cluster_runs, refuse_after_cluster
 from pipeline.engine.stats import RunStats
 from pipeline.engine.summary import run_summary, write_summary
 from pipeline.engine.writer import ResultWriter
@@ -162,6 +162,8 @@ class Runner:
         must and keep its budget; nothing is sent. Raises on any mistake."""
         scan = self.context.scan()
         self.context.check_before_sending(write_output=self.options.write_output)
+        if self.shared is None and not self.options.fresh:
+            refuse_after_cluster(self.job)
         return scan
 
     def warnings(self) -> list[str]:
@@ -182,6 +184,8 @@ class Runner:
             self.context.journal.open(fresh=self.options.fresh)
             if self.options.fresh:
                 self.context.seals.clear()
+                if self.shared is None:
+                    forget_cluster_runs(self.job)
             unanswered = None if self.options.fresh else state.unanswered()
             if unanswered is not None:
                 self.reporter.notice(describe_unanswered(unanswered))

@@ -44,7 +44,9 @@ Endpoints
     byte for byte), ``max_sends_per_request`` (most times one identical body was received) and
     ``sends_histogram`` (times received -> number of bodies); ``prompt_tokens_total``,
     ``completion_tokens_total``, ``reasoning_tokens_total`` and ``cache_hit_tokens_total`` over
-    the replies sent. ``/_stats`` needs no API key. Every body is remembered (about 100 bytes
+    the replies sent; ``per_second``: ``arrivals`` (requests received) and ``in_flight`` (the
+    average number in flight) for each second since the last reset (the last hour kept).
+    ``/_stats`` needs no API key. Every body is remembered (about 100 bytes
     each) until the counters are reset.
 
 With ``api_key`` set, the API endpoints require ``Authorization: Bearer <key>`` and answer 401
