@@ -119,6 +119,16 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Append plain log lines here: the figures, every retry and failed row, the summary.",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run across a Ray cluster: no ADDRESS starts a local one, 'auto' joins the running one.",
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Ray workers (default: [cluster]).")
 @report_errors
 def run(
     job_file: str,
@@ -141,6 +151,8 @@ def run(
     verbose: bool,
     quiet: bool,
     log_file: Path | None,
+    ray_address: str | None,
+    workers: int | None,
 ) -> None:
     """Run JOB_FILE: send one request per input row and write the output Parquet.
 
@@ -180,6 +192,17 @@ def run(
     api_key = api_key_for(job)
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet cannot be used together.")
+    if ray_address is not None or workers is not None or job.cluster.engine == "ray":
+        from pipeline.cli.cluster import run_on_cluster
+
+        run_on_cluster(
+            job,
+            address=ray_address,
+            workers=workers,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            quiet=quiet,
+        )
     reporter: Reporter = LiveReporter(verbose=verbose, quiet=quiet)
     if log_file is not None:
         from pipeline.cli.logfile import Fanout, PlainLog
@@ -307,13 +330,18 @@ def status(
     from rich.console import Console
 
     from pipeline.cli.batch import batch_pass, print_batches
+    from pipeline.cluster.status import cluster_status, shard_plan
 
     if watch:
         from pipeline.batch.run import BatchOptions
 
         batch_pass(job, job_file, api_key=api_key_for(job), options=BatchOptions(submit=False))
-    context = JobContext(job)
-    report = job_status(context, context.scan())
+    plan = shard_plan(job)
+    if plan is not None:  # the job ran on a cluster: its shards, added up
+        report = cluster_status(job, plan)
+    else:
+        context = JobContext(job)
+        report = job_status(context, context.scan())
     if job.request.mode == "batch":  # what the tokens cost by kind, at the batch price
         from pipeline.cli.batch import at_batch_price
 

@@ -160,7 +160,11 @@ def estimate(
         job, sampled = _sample(job, size=sample, seed=seed)
     elif local:
         job = apply_overrides(job, Overrides(base_url=LOCAL_PRICE_URL))
-    result = compute_estimate(job, per_row=per_row, sampled=sampled)
+    from pipeline.cluster.status import ShardedJournal, shard_plan
+
+    plan = shard_plan(job)  # a job that ran on a cluster: its shards' results count
+    journal = None if plan is None else ShardedJournal(job, plan)
+    result = compute_estimate(job, per_row=per_row, sampled=sampled, journal=journal)
     discount = batch_discount(job.request.base_url, job.pricing)
     if as_json:
         data = result.to_dict()

@@ -285,9 +285,14 @@ class Accounts:
     def _settle_budget(self, worst: Decimal, spent: Decimal | None) -> None:
         if self.budget is not None:
             self.budget.settle(worst, spent)
-            if self._settled is not None:
-                self._settled.set()
-                self._settled = None
+            self.budget_changed()
+
+    def budget_changed(self) -> None:
+        """The budget may have room now: requests waiting for it look again (a budget shared
+        by a cluster calls this when its coordinator grants more)."""
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
 
 
 def outcome_code(attempt: Attempt | None) -> str:

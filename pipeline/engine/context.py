@@ -71,7 +71,10 @@ class JobContext:
         """Whose in-flight limit a run learns: the endpoint's and the model's (a digest, so
         that no URL is written to the state folder)."""
         self.planner: Planner | BatchPlanner = Planner(
-            template=self.template, url=key_url, id_column=job.input.id_column
+            template=self.template,
+            url=key_url,
+            id_column=job.input.id_column,
+            row_offset=job.input.row_offset,
         )
         if job.input.format == "openai-batch":
             self.planner = BatchPlanner(

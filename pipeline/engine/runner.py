@@ -45,6 +45,7 @@ from pipeline.engine.context import JobContext
 from pipeline.engine.control import RunControl
 from pipeline.engine.report import Reporter, RunReport
 from pipeline.engine.sender import RowSender, answer_rules, retry_policy
+from pipeline.engine.shared import SharedLimits, forget_cluster_runs, refuse_after_cluster
 from pipeline.engine.stats import RunStats
 from pipeline.engine.summary import run_summary, write_summary
 from pipeline.engine.writer import ResultWriter
@@ -110,6 +111,21 @@ def _pipeline_error(group: BaseExceptionGroup[BaseException]) -> PipelineError |
     return None
 
 
+def _limiter(
+    job: JobSpec, *, clock: Callable[[], float], rng: random.Random, shared: SharedLimits | None
+) -> Limiter:
+    """The run's own limiter for the job's ``[limits]``, or the cluster's (``shared``)."""
+    limits = job.limits
+    config = LimiterConfig(
+        max_in_flight=limits.max_in_flight,
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+    )
+    if shared is not None:
+        return shared.limiter(config)
+    return Limiter(config, clock=clock, rng=rng)
+
+
 class Runner:
     """Runs one job to completion (or to a stop); one run per runner."""
 
@@ -123,8 +139,10 @@ class Runner:
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.job = job
+        self.shared = shared  # a cluster's limiter and budget (None: the run's own)
         self.context = JobContext(job, batch_rows=options.batch_rows)
         self.options = options
         self.reporter = reporter or Reporter()
@@ -134,16 +152,7 @@ class Runner:
         self._rng = rng or random.Random()
         self._clock = clock
         self.pricing = self.context.pricing
-        limits = job.limits
-        self.limiter = Limiter(
-            LimiterConfig(
-                max_in_flight=limits.max_in_flight,
-                requests_per_minute=limits.requests_per_minute,
-                tokens_per_minute=limits.tokens_per_minute,
-            ),
-            clock=clock,
-            rng=self._rng,
-        )
+        self.limiter = _limiter(job, clock=clock, rng=self._rng, shared=shared)
         self.budget: Budget | None = None
         self._accounts: Accounts | None = None
         self._run_id = 0
@@ -153,6 +162,8 @@ class Runner:
         must and keep its budget; nothing is sent. Raises on any mistake."""
         scan = self.context.scan()
         self.context.check_before_sending(write_output=self.options.write_output)
+        if self.shared is None and not self.options.fresh:
+            refuse_after_cluster(self.job)
         return scan
 
     def warnings(self) -> list[str]:
@@ -173,6 +184,8 @@ class Runner:
             self.context.journal.open(fresh=self.options.fresh)
             if self.options.fresh:
                 self.context.seals.clear()
+                if self.shared is None:
+                    forget_cluster_runs(self.job)
             unanswered = None if self.options.fresh else state.unanswered()
             if unanswered is not None:
                 self.reporter.notice(describe_unanswered(unanswered))
@@ -205,7 +218,7 @@ class Runner:
         """Start the in-flight cap from what the job's last run against this endpoint and
         model learned (see :func:`pipeline.provider.limits.start_from`)."""
         learned = self.context.learned_limit()
-        if learned is None:
+        if learned is None or self.shared is not None:  # a cluster's starts from its own
             return
         config = start_from(self.limiter.state.config, learned)
         self.limiter = Limiter(config, clock=self._clock, rng=self._rng)
@@ -221,6 +234,8 @@ class Runner:
         if cap is None:
             return None
         self.context.check_priced()
+        if self.shared is not None:
+            return self.shared.budget_for(cap)
         spent = self.context.state.spent_usd(before=self._run_id)
         if spent is None:
             raise StateError(
@@ -269,6 +284,8 @@ class Runner:
             run=self._run_id,
             timeline=timeline,
         )
+        if self.shared is not None:
+            self.shared.bind(accounts)
         client = ChatClient(
             self.context.url,
             api_key=self._api_key,
@@ -382,7 +399,7 @@ class Runner:
 
     def _sample(self, stats: RunStats) -> tuple[int, int]:
         """The in-flight cap and the requests in flight, for the run's timeline."""
-        return self.limiter.state.cap, stats.in_flight
+        return self.limiter.snapshot().cap, stats.in_flight
 
     async def _tick(self, stats: RunStats) -> None:
         while True:

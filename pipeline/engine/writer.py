@@ -171,7 +171,8 @@ class ResultWriter:
         if id_column is not None:
             ids = chosen.column(names.index(id_column))
         else:
-            ids = pa.array([start + p for p in positions], type=pa.int64())
+            offset = start + job.input.row_offset
+            ids = pa.array([offset + p for p in positions], type=pa.int64())
         kept = [(c, chosen.column(names.index(c))) for c in job.output.keep_columns]
         ordered = [found for found in matched if found is not None]
         self.sink.write(ids, kept, ordered)

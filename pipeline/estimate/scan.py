@@ -324,19 +324,23 @@ def compute_estimate(
     history_limit: int = HISTORY_LIMIT,
     batch_rows: int = TOKENIZE_BATCH,
     cache_blocks: int = CACHE_BLOCKS,
+    journal: Journal | None = None,
 ) -> Estimate:
     """Estimate ``job``: one streaming pass over its input; nothing is sent.
 
     ``per_row`` writes one row per input row (see :data:`PER_ROW_SCHEMA_TAIL`); ``sampled``
     says how many rows ``--sample`` just sent (they are in the state folder's history).
-    Raises :class:`~pipeline.errors.PipelineError` for a bad job or input.
+    ``journal`` holds the results of earlier runs, if not the job's state folder's (a cluster
+    run's shards: :class:`pipeline.cluster.status.ShardedJournal`). Raises
+    :class:`~pipeline.errors.PipelineError` for a bad job or input.
     """
     context = JobContext(job, batch_rows=batch_rows)
     scan = context.scan()
     price = context.price
     max_tokens = job.request.max_tokens
     facts = model_facts(job.request.model)
-    stats = summarize(read_history(context.journal, history_limit), max_tokens)
+    journal = journal or context.journal
+    stats = summarize(read_history(journal, history_limit), max_tokens)
     source, expected_out = output_model(stats, max_tokens, facts, sampled)
     model = RowModel(
         max_tokens=max_tokens,
@@ -344,7 +348,6 @@ def compute_estimate(
         expected_out=expected_out,
         price=None if price is None else replace(price, off_peak=None),
     )
-    journal = context.journal
 
     def prepared() -> Iterator[_Prepared]:
         start = 0

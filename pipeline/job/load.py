@@ -32,6 +32,7 @@ from pipeline.job.spec import (
     DEFAULT_MODEL,
     BatchSpec,
     BudgetSpec,
+    ClusterSpec,
     Endpoint,
     InputFormat,
     InputSpec,
@@ -110,6 +111,14 @@ class _Budget(_Strict):
     max_cost_usd: float | None = Field(default=None, gt=0)
 
 
+class _Cluster(_Strict):
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = Field(default=None, min_length=1)
+    workers: int = Field(default=4, ge=1, le=10_000)
+    shard_rows: int | None = Field(default=None, ge=1)
+    state_root: str | None = Field(default=None, min_length=1)
+
+
 class _Pricing(_Strict):
     input: float | None = Field(default=None, ge=0)
     cached_input: float | None = Field(default=None, ge=0)
@@ -182,6 +191,7 @@ class _Job(_Strict):
     pricing: _Pricing | None = None
     budget: _Budget = Field(default_factory=_Budget)
     batch: _Batch = Field(default_factory=_Batch)
+    cluster: _Cluster = Field(default_factory=_Cluster)
 
 
 _SECTION_HELP = {
@@ -194,10 +204,12 @@ _SECTION_HELP = {
     "output": "path, keep_columns, state_dir, schema, schema_from_tool, max_reasks",
     "budget": "max_cost_usd",
     "batch": "max_requests_per_file, max_bytes_per_file, completion_window, poll_s, poll_max_s",
+    "cluster": "engine, address, workers, shard_rows, state_root",
     "pricing": "input, cached_input, output (USD per million tokens), off_peak_start, "
     "off_peak_end (UTC, HH:MM), off_peak_discount (fraction paid off-peak), batch_discount "
     "(fraction paid in batch mode)",
-    "": "name and the tables [input], [request], [limits], [output], [pricing], [budget], [batch]",
+    "": "name and the tables [input], [request], [limits], [output], [pricing], [budget], "
+    "[batch], [cluster]",
 }
 
 
@@ -430,6 +442,17 @@ def job_from_dict(tables: Mapping[str, Any], path: Path | str = "<job dict>") ->
         pricing=pricing,
         budget=BudgetSpec(max_cost_usd=_decimal(job.budget.max_cost_usd)),
         batch=BatchSpec(**job.batch.model_dump()),
+        cluster=ClusterSpec(
+            engine=job.cluster.engine,
+            address=job.cluster.address,
+            workers=job.cluster.workers,
+            shard_rows=job.cluster.shard_rows,
+            state_root=(
+                None
+                if job.cluster.state_root is None
+                else str(source.parent / Path(job.cluster.state_root).expanduser())
+            ),
+        ),
         notices=paths.notices,
     )
 

@@ -46,6 +46,9 @@ class InputSpec:
     format: InputFormat = "rows"
     """``rows``: Parquet/JSONL rows rendered by the prompt template; ``openai-batch``: a
     JSONL file of ready-made requests in the OpenAI Batch API format."""
+    row_offset: int = 0
+    """The input row number of this input's first row: a shard of a cluster run (see
+    :mod:`pipeline.cluster`) numbers, keys and ids its rows as the whole input does."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +161,20 @@ class BatchSpec:
     poll_max_s: float = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """``[cluster]``: run the job across a Ray cluster (see :mod:`pipeline.cluster`)."""
+
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    """The Ray cluster: ``auto`` (the running one), ``ray://host:10001``; None: a local one."""
+    workers: int = 4
+    shard_rows: int | None = None
+    """Rows per shard (None: about four shards per worker)."""
+    state_root: str | None = None
+    """Where the shards' state lives (every node must reach it); None: the job's state folder."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobSpec:
     name: str
@@ -170,6 +187,7 @@ class JobSpec:
     pricing: PriceOverride | None = None
     budget: BudgetSpec = BudgetSpec()
     batch: BatchSpec = BatchSpec()
+    cluster: ClusterSpec = ClusterSpec()
     notices: tuple[Notice, ...] = ()
     """Warnings from loading the job file, to show before anything runs (see :class:`Notice`)."""
 

@@ -41,6 +41,9 @@ class Planner:
     template: RequestTemplate
     url: str
     id_column: str | None
+    row_offset: int = 0
+    """Added to a row's number to make its id (a shard of a cluster run: see
+    :attr:`pipeline.job.spec.InputSpec.row_offset`)."""
 
     @property
     def columns(self) -> list[str]:
@@ -82,7 +85,11 @@ class Planner:
         rows: list[dict[str, Any]] = batch.to_pylist()
         for offset, row in enumerate(rows):
             index = start + offset
-            row_id = str(row[self.id_column]) if self.id_column is not None else str(index)
+            row_id = (
+                str(row[self.id_column])
+                if self.id_column is not None
+                else str(self.row_offset + index)
+            )
             body = self.template.body(row)
             if isinstance(body, RenderFailure):
                 key = request_key(self.url, b"", row_id)

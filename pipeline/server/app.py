@@ -51,8 +51,10 @@ Endpoints
     ``batches_created``, ``batches_cancelled`` and ``batch_requests`` (lines answered) of the
     Batch API; ``first_request_at``, the ``time.monotonic()`` of the first request since the
     last reset (null before one; the clock every process of the machine shares, so a
-    benchmark can time a client's start-up). ``/_stats`` needs no API key. Every body is
-    remembered (about 100 bytes each) until the counters are reset.
+    benchmark can time a client's start-up); ``per_second``: ``arrivals`` (requests received)
+    and ``in_flight`` (the average number in flight) for each second since the last reset
+    (the last hour kept). ``/_stats`` needs no API key. Every body is remembered (about 100
+    bytes each) until the counters are reset.
 
 With ``api_key`` set, the API endpoints require ``Authorization: Bearer <key>`` and answer 401
 ``invalid_api_key`` otherwise; the key is never echoed, logged or put in a URL.

@@ -1,0 +1,179 @@
+"""The two Ray actors of a cluster run: the coordinator and the shard workers.
+
+Both are plain classes here, made actors by :mod:`pipeline.cluster.driver` with
+``ray.remote(...)`` so that importing this module does not import Ray.
+
+- :class:`Coordinator` (one, named after the job): the :class:`~pipeline.cluster.leases.LeaseBook`
+  behind the cluster's limiter and budget; its clock is its own process's monotonic clock.
+- :class:`ShardWorker` (``workers`` of them, restarted when their process dies): runs one shard
+  at a time with this project's engine, the shard's limiter and budget leased from the
+  coordinator through a :class:`~pipeline.cluster.link.ShardLink`. When its process dies
+  mid-shard, Ray restarts it and retries the shard, which resumes from its journal: the
+  requests it had in flight are reported as unanswered and sent again, as on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from pipeline.cluster.leases import Figures, LeaseBook, Progress, SyncCall, SyncReply
+from pipeline.cluster.link import ShardLink
+from pipeline.engine.report import Reporter, RunReport
+from pipeline.engine.stats import Snapshot
+from pipeline.job.spec import JobSpec
+from pipeline.provider.limits import LearnedLimit, LimiterConfig
+
+
+class Coordinator:
+    """The cluster's limiter and budget (one actor per cluster run)."""
+
+    def __init__(
+        self, config: LimiterConfig, cap_usd: Decimal | None, spent_usd: Decimal, ttl_s: float
+    ) -> None:
+        self.book = LeaseBook(config, cap_usd=cap_usd, spent_usd=spent_usd, ttl_s=ttl_s)
+
+    def sync(self, call: SyncCall) -> SyncReply:
+        return self.book.sync(time.monotonic(), call)
+
+    def figures(self) -> Figures:
+        now = time.monotonic()
+        self.book.expire(now)
+        return self.book.figures(now)
+
+    def learned(self) -> LearnedLimit:
+        return self.book.learned(time.monotonic())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardTask:
+    shard: str
+    job: JobSpec
+    retry_failed: bool = False
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardResult:
+    shard: str
+    worker: str
+    ok: int
+    failed: int
+    total: int
+    requests: int
+    resent: int
+    """Requests the shard's previous run left in flight, sent again by this run."""
+    cost_usd: Decimal | None
+    over_budget: bool
+    interrupted: bool
+    calls: int
+    """Calls to the coordinator."""
+    elapsed_s: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.ok + self.failed >= self.total and not self.over_budget
+
+
+class _ProgressReporter(Reporter):
+    """Hands the shard's figures to its link, which sends them with its next call."""
+
+    def __init__(self, link: ShardLink, shard: str) -> None:
+        self._link = link
+        self._shard = shard
+
+    def update(self, snapshot: Snapshot) -> None:
+        self._link.progress = Progress(
+            shard=self._shard,
+            rows_done=snapshot.done,
+            rows_total=snapshot.total_rows,
+            requests=snapshot.requests,
+            in_flight=snapshot.in_flight,
+            rate_limited=snapshot.rate_limited,
+            cost_usd=snapshot.cost_usd,
+        )
+
+
+class ShardWorker:
+    """Runs shards with this project's engine, one at a time."""
+
+    def __init__(self, index: int, coordinator: str, namespace: str) -> None:
+        import ray
+
+        self.index = index
+        self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run_shard(self, task: ShardTask) -> ShardResult:
+        from pipeline.engine.runner import Runner, RunOptions
+
+        worker = f"w{self.index}:{os.getpid()}"
+        link = ShardLink(_caller(self.coordinator), worker=worker)
+        job = task.job
+        runner = Runner(
+            job,
+            api_key=job.api_key(),
+            options=RunOptions(fresh=task.fresh, retry_failed=task.retry_failed, tick_s=0.25),
+            reporter=_ProgressReporter(link, task.shard),
+            shared=link,
+        )
+        scan = runner.prepare()
+
+        async def main() -> RunReport:
+            async with anyio.create_task_group() as group:
+                group.start_soon(link.run)
+                try:
+                    report = await runner.run(scan)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await link.sync(leaving=True)
+                    group.cancel_scope.cancel()
+            return report
+
+        report = anyio.run(main, backend_options=loop_options())
+        final = report.final
+        return ShardResult(
+            shard=task.shard,
+            worker=worker,
+            ok=final.resumed_rows - final.resumed_failed + final.ok,
+            failed=final.resumed_failed + final.failed,
+            total=final.total_rows,
+            requests=final.requests,
+            resent=0 if report.unanswered is None else report.unanswered.count,
+            cost_usd=final.cost_usd,
+            over_budget=report.over_budget,
+            interrupted=report.interrupted,
+            calls=link.calls,
+            elapsed_s=final.elapsed_s,
+        )
+
+
+def loop_options() -> dict[str, Any]:
+    """uvloop when it is installed (as :func:`pipeline.api.endpoint.loop_options`)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def _caller(coordinator: Any) -> Callable[[SyncCall], Awaitable[SyncReply]]:
+    """The coordinator's ``sync``, awaited without blocking the event loop (a function, not a
+    method: an ``async def`` method would make Ray run the worker as an async actor)."""
+    import ray
+
+    async def call(request: SyncCall) -> SyncReply:
+        ref = coordinator.sync.remote(request)
+        reply: SyncReply = await anyio.to_thread.run_sync(ray.get, ref)
+        return reply
+
+    return call

@@ -1,0 +1,442 @@
+"""Pure: one in-flight limiter and one budget for a whole cluster, leased out to its workers.
+
+The coordinator runs the single-machine :class:`~pipeline.provider.limits.LimiterState` and a
+:class:`~pipeline.money.budget.Budget`; :class:`LeaseBook` is its bookkeeping, with the time
+passed in. A worker does not ask for every request (an actor call costs ~0.8 ms): it holds a
+*lease* of permits (each one request in flight) and dollars, uses them locally for as many
+requests as it likes, and calls :meth:`LeaseBook.sync` every few hundred milliseconds or when
+its stock runs low, with what happened since (:class:`Report`: each finished request's outcome,
+the congestion epoch it was sent in, its latency and its tokens; the dollars spent).
+
+- **Permits.** Each permit a worker holds is backed by a grant of the coordinator's
+  :class:`LimiterState`, so the state's cap bounds the permits of the whole cluster. For each
+  reported request the coordinator releases one of the worker's grants with the request's
+  outcome (the state adapts exactly as it does on one machine: slow start, 429 cuts once per
+  epoch, cool-down) and, if the worker kept the permit, grants it again. A permit the state
+  will not grant again right now (its cap was just cut) stays with the worker *unbacked*, and
+  counts against the cap until the worker gives it back: new permits go out only while
+  backed plus unbacked permits are below the cap, so the cluster never has more requests in
+  flight than ``max_in_flight``.
+- **Shares.** Workers that want permits share the cap (water-filling: no worker gets more than
+  it asks for); a worker holding more than its share gives permits back as its requests finish.
+- **Dollars.** On every call a worker hands back the dollars it holds unreserved and asks for
+  what its next requests may reserve; the coordinator grants from what the cap leaves after
+  the spend and the other workers' leases. When even one request's worst case does not fit
+  beside what is already spent, the budget is *exhausted* and every worker stops at its next
+  call, as one machine would.
+- **Leases expire.** A worker that has not called within ``ttl_s`` is presumed dead: its
+  grants go back (as errors: they may have reached the provider), and the dollars its
+  requests in flight had reserved count as spent (they may be billed).
+- **Rates.** When the job sets ``requests_per_minute`` or ``tokens_per_minute``, each request
+  also needs a *start*, leased from one rate window for the whole cluster
+  (:mod:`pipeline.cluster.starts`); the limiter state then bounds only what is in flight.
+- **Idempotent calls.** Each call carries an id; a call seen before gets its first answer
+  again and changes nothing, so a retried actor call never grants twice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+from pipeline.cluster.starts import StartBook, Starts
+from pipeline.money.budget import Budget
+from pipeline.provider.limits import (
+    Grant,
+    LearnedLimit,
+    LimiterConfig,
+    LimiterSnapshot,
+    LimiterState,
+    Outcome,
+)
+from pipeline.provider.rate_window import RateLimitHeaders
+
+ZERO = Decimal(0)
+TTL_S = 15.0
+"""How long a lease lasts without a call."""
+REMEMBERED_CALLS = 8
+"""Answers kept per worker for calls that might be retried."""
+MIN_STEP = 4
+"""A worker's lease may grow to at least this many permits at once."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """One request a worker's permit carried, finished."""
+
+    outcome: Outcome
+    epoch: int
+    """The coordinator's congestion epoch the worker knew when it sent the request."""
+    latency_s: float
+    tokens: int
+    """Tokens the request reserved from a tokens/min budget."""
+    actual_tokens: int | None = None
+    headers: RateLimitHeaders | None = None
+    retry_after_s: float | None = None
+    kept: bool = True
+    """The worker keeps the permit for its next request (else it gives it back)."""
+    start: int | None = None
+    """The start the request was sent with (a job with a rate budget)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Progress:
+    """A worker's figures, for the cluster's display."""
+
+    shard: str | None = None
+    rows_done: int = 0
+    rows_total: int = 0
+    requests: int = 0
+    in_flight: int = 0
+    rate_limited: int = 0
+    cost_usd: Decimal | None = ZERO
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncCall:
+    worker: str
+    call_id: str
+    want: int
+    """Permits the worker could use now (those in use plus its waiting requests)."""
+    in_use: int
+    reports: tuple[Report, ...] = ()
+    spent: Decimal | None = ZERO
+    """Dollars settled since the last call (None: unknown price, counted as reserved)."""
+    settled_reserved: Decimal = ZERO
+    """What those settled requests had reserved."""
+    returned: Decimal = ZERO
+    """Dollars the worker held unreserved and gives back."""
+    reserved: Decimal = ZERO
+    """Dollars its requests in flight hold now."""
+    dollars_wanted: Decimal = ZERO
+    """Dollars it asks for (its next requests' worst cases)."""
+    need: Decimal = ZERO
+    """The worst case of the request it waits to send (0: none waits)."""
+    leaving: bool = False
+    """The worker is done: everything it holds goes back."""
+    progress: Progress = Progress()
+    starts_wanted: int = 0
+    """Starts the worker could use now (a job with a rate budget)."""
+    start_tokens: int = 0
+    """The estimated tokens of its largest request."""
+    starts_returned: tuple[int, ...] = ()
+    """Starts it did not use (too old, or it is leaving)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncReply:
+    permits: int
+    """The permits the worker holds now (given back ones not counted, those of the requests
+    it has in flight counted)."""
+    share: int
+    """Permits the worker may hold: it gives back the rest as their requests finish."""
+    epoch: int
+    dollars: Decimal
+    """Dollars the worker may reserve from now on."""
+    exhausted: bool
+    snapshot: LimiterSnapshot
+    ttl_s: float
+    spare: bool
+    """Permits are free now: a worker that wants more may call again soon."""
+    starts: Starts | None = None
+    """Starts lent by this answer (a job with a rate budget)."""
+
+
+@dataclass(slots=True)
+class _Lease:
+    grants: list[Grant] = field(default_factory=list)
+    unbacked: int = 0
+    dollars: Decimal = ZERO
+    """Leased and not yet spent or given back (reserved by requests in flight, or held)."""
+    reserved: Decimal = ZERO
+    """Of those, what its requests in flight hold (spent if the worker dies)."""
+    want: int = 0
+    """Permits the worker could use, as its last call said."""
+    reach: int = 0
+    """Permits it may hold by its next call: ``want``, but at most double what it held (as
+    slow start doubles per round trip: leases must not run ahead of what the provider has
+    shown it takes, or one call could put the whole ``max_in_flight`` out at once)."""
+    expires: float = 0.0
+    answers: OrderedDict[str, SyncReply] = field(default_factory=OrderedDict)
+    progress: Progress = Progress()
+
+    @property
+    def permits(self) -> int:
+        return len(self.grants) + self.unbacked
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figures:
+    """The cluster's figures: the coordinator's calls, limiter and budget, and each worker's."""
+
+    calls: int
+    reports: int
+    snapshot: LimiterSnapshot
+    spent_usd: Decimal | None
+    cap_usd: Decimal | None
+    exhausted: bool
+    workers: dict[str, Progress]
+    permits: dict[str, int]
+    expired: int
+    last_call_s: dict[str, float] = field(default_factory=dict)
+    """Seconds since each worker's last call."""
+
+
+class LeaseBook:
+    """The coordinator's state: one limiter, one budget, the workers' leases."""
+
+    def __init__(
+        self,
+        config: LimiterConfig,
+        *,
+        cap_usd: Decimal | None = None,
+        spent_usd: Decimal = ZERO,
+        ttl_s: float = TTL_S,
+        rng: random.Random | None = None,
+    ) -> None:
+        rated = config.requests_per_minute or config.tokens_per_minute
+        self.starts = StartBook(config) if rated else None
+        # The rate budgets are the start book's; the state bounds what is in flight.
+        unrated = replace(config, requests_per_minute=None, tokens_per_minute=None)
+        self.state = LimiterState(unrated, rng=rng or random.Random())
+        self.budget = None if cap_usd is None else Budget(cap=cap_usd, spent=spent_usd)
+        self.unknown_spend = False
+        self.ttl_s = ttl_s
+        self.leases: dict[str, _Lease] = {}
+        self.pool: list[Grant] = []
+        """Grants held for workers that want permits and have not called since: the state
+        sees the whole demand in flight, so successes at the cap raise it (slow start)."""
+        self.calls = 0
+        self.reports = 0
+        self.expired = 0
+
+    # -- the call ---------------------------------------------------------------------------
+
+    def sync(self, now: float, call: SyncCall) -> SyncReply:
+        """Apply a worker's call and answer it (a call seen before: its first answer)."""
+        lease = self.leases.get(call.worker)
+        if lease is not None and call.call_id in lease.answers:
+            return lease.answers[call.call_id]
+        self.calls += 1
+        self.expire(now)
+        if lease is None:
+            # A new worker, or one whose lease expired: what it has in flight stays its own.
+            lease = self.leases[call.worker] = _Lease(unbacked=call.in_use)
+        lease.expires = now + self.ttl_s
+        lease.progress = call.progress
+        lease.want = call.want
+        lease.reach = min(call.want, max(MIN_STEP, 2 * lease.permits))
+        for report in call.reports:
+            self._report(now, call.worker, lease, report)
+        if self.starts is not None:
+            self.starts.returned(now, call.starts_returned)
+        self._rebalance(now, lease)
+        self._settle_dollars(lease, call)
+        if call.leaving:
+            self._close(now, lease, spend_reserved=False)
+            if self.starts is not None:
+                self.starts.forget(call.worker)
+            lease.want = 0
+            reply = self._reply(now, permits=0, share=0, dollars=ZERO)
+            del self.leases[call.worker]
+            return reply
+        share = self.share(call.worker)
+        while lease.permits < min(share, lease.reach):
+            grant = self._take(now)
+            if grant is None:
+                break
+            lease.grants.append(grant)
+        self._fill_pool(now)
+        dollars = self._lend(lease, call)
+        reply = self._reply(now, permits=lease.permits, share=share, dollars=dollars)
+        if self.starts is not None and call.starts_wanted > 0:
+            sharers = sum(1 for other in self.leases.values() if other.want > 0)
+            starts = self.starts.lend(
+                now,
+                call.worker,
+                wanted=call.starts_wanted,
+                tokens=max(0, call.start_tokens),
+                sharers=sharers,
+            )
+            reply = replace(reply, starts=starts)
+        lease.answers[call.call_id] = reply
+        while len(lease.answers) > REMEMBERED_CALLS:
+            lease.answers.popitem(last=False)
+        return reply
+
+    def expire(self, now: float) -> None:
+        """Take back the leases of workers that stopped calling."""
+        for worker, lease in list(self.leases.items()):
+            if lease.expires < now:
+                self._close(now, lease, spend_reserved=True)
+                if self.starts is not None:
+                    self.starts.forget(worker)
+                del self.leases[worker]
+                self.expired += 1
+
+    def share(self, worker: str) -> int:
+        """The permits ``worker`` may hold: the cap shared among the workers that want
+        permits, none getting more than it wants (water-filling)."""
+        wants = {name: lease.want for name, lease in self.leases.items() if lease.want > 0}
+        if worker not in wants:
+            return 0
+        left, shares = self.state.cap, dict.fromkeys(wants, 0)
+        pending = sorted(wants, key=lambda name: wants[name])
+        while pending and left > 0:
+            even = max(1, left // len(pending))
+            name = pending.pop(0)
+            shares[name] = min(wants[name], even)
+            left -= shares[name]
+        return shares[worker]
+
+    def figures(self, now: float) -> Figures:
+        budget = self.budget
+        return Figures(
+            calls=self.calls,
+            reports=self.reports,
+            snapshot=self.state.snapshot(now),
+            spent_usd=None if budget is None or self.unknown_spend else budget.spent,
+            cap_usd=None if budget is None else budget.cap,
+            exhausted=budget is not None and budget.exhausted,
+            workers={name: lease.progress for name, lease in self.leases.items()},
+            permits={name: lease.permits for name, lease in self.leases.items()},
+            expired=self.expired,
+            last_call_s={
+                name: max(0.0, now - (lease.expires - self.ttl_s))
+                for name, lease in self.leases.items()
+            },
+        )
+
+    def learned(self, now: float) -> LearnedLimit:
+        return self.state.snapshot(now).learned()
+
+    # -- permits ------------------------------------------------------------------------------
+
+    def _unbacked(self) -> int:
+        return sum(lease.unbacked for lease in self.leases.values())
+
+    def _room(self) -> bool:
+        """Whether one more permit fits under the cap beside every permit out."""
+        return self.state.in_flight + self._unbacked() < self.state.cap
+
+    def _report(self, now: float, worker: str, lease: _Lease, report: Report) -> None:
+        """Let the state learn from one finished request; the permit it used stays with the
+        worker (backed again if the state allows) unless the worker gave it back."""
+        self.reports += 1
+        if self.starts is not None:
+            if report.start is not None:
+                self.starts.used(now, report.start, report.actual_tokens)
+            if report.headers is not None:
+                self.starts.learn(now, report.headers, report.tokens)
+        if lease.grants:
+            grant = lease.grants.pop(0)
+            sent = replace(grant, granted_at=now - max(0.0, report.latency_s), epoch=report.epoch)
+            self.state.release(
+                now,
+                sent,
+                outcome=report.outcome,
+                actual_tokens=report.actual_tokens,
+                headers=report.headers,
+                retry_after_s=report.retry_after_s,
+            )
+            lease.unbacked += 1  # the permit is the worker's until it is backed again
+        if not report.kept:
+            lease.unbacked = max(0, lease.unbacked - 1)
+        self._rebalance(now, lease)
+        self._fill_pool(now)
+
+    def _rebalance(self, now: float, lease: _Lease) -> None:
+        """Back the worker's unbacked permits with grants, while the state allows."""
+        while lease.unbacked > 0:
+            grant = self._take(now, backing=True)
+            if grant is None:
+                return
+            lease.grants.append(grant)
+            lease.unbacked -= 1
+
+    def _take(self, now: float, *, backing: bool = False) -> Grant | None:
+        """A grant for a permit: from the pool, else new if the cap has room (``backing``:
+        for a permit already out, which needs no room of its own)."""
+        if self.pool:
+            return self.pool.pop()
+        if not backing and not self._room():
+            return None
+        grant = self.state.try_acquire(now, 0)
+        return grant if isinstance(grant, Grant) else None
+
+    def _fill_pool(self, now: float) -> None:
+        """Hold grants for the permits workers want beyond what they hold (up to their
+        shares), so that the state sees the demand; give pool grants back when the cap fell
+        below what is out."""
+        wanted = sum(
+            max(0, min(lease.reach, self.share(name)) - lease.permits)
+            for name, lease in self.leases.items()
+        )
+        while len(self.pool) < wanted and self._room():
+            grant = self.state.try_acquire(now, 0)
+            if not isinstance(grant, Grant):
+                break
+            self.pool.append(grant)
+        while self.pool and (
+            len(self.pool) > wanted or self.state.in_flight + self._unbacked() > self.state.cap
+        ):
+            self.state.cancel(now, self.pool.pop())
+
+    def _close(self, now: float, lease: _Lease, *, spend_reserved: bool) -> None:
+        """Give back everything a lease holds; a dead worker's reserved dollars are spent."""
+        for grant in lease.grants:
+            self.state.release(now, grant, outcome="error")
+        lease.grants.clear()
+        lease.unbacked = 0
+        if self.budget is not None:
+            self.budget.reserved -= lease.dollars
+            if spend_reserved:
+                self.budget.spent += lease.reserved
+        lease.dollars = lease.reserved = ZERO
+
+    # -- dollars --------------------------------------------------------------------------------
+
+    def _settle_dollars(self, lease: _Lease, call: SyncCall) -> None:
+        if self.budget is None:
+            return
+        spent = call.settled_reserved if call.spent is None else call.spent
+        if call.spent is None:
+            self.unknown_spend = True
+        # What the worker settled and gave back leaves its lease; what was spent is spent.
+        self.budget.reserved -= call.settled_reserved + call.returned
+        self.budget.spent += spent
+        lease.dollars -= call.settled_reserved + call.returned
+        lease.reserved = call.reserved
+
+    def _lend(self, lease: _Lease, call: SyncCall) -> Decimal:
+        """Dollars for the worker's next requests; exhausts the budget when one request's
+        worst case no longer fits beside what is spent."""
+        budget = self.budget
+        if budget is None:
+            return ZERO
+        if call.need > ZERO and budget.spent + call.need > budget.cap:
+            budget.exhausted = True
+        if budget.exhausted:
+            return ZERO
+        free = budget.cap - budget.spent - budget.reserved
+        lent = max(ZERO, min(call.dollars_wanted, free))
+        if lent < call.need:
+            return ZERO  # the worker waits for requests in flight to settle, holding nothing
+        budget.reserved += lent
+        lease.dollars += lent
+        return lent
+
+    def _reply(self, now: float, *, permits: int, share: int, dollars: Decimal) -> SyncReply:
+        snapshot = self.state.snapshot(now)
+        return SyncReply(
+            permits=permits,
+            share=share,
+            epoch=snapshot.cuts,
+            dollars=dollars,
+            exhausted=self.budget is not None and self.budget.exhausted,
+            snapshot=snapshot,
+            ttl_s=self.ttl_s,
+            spare=self._room() and snapshot.cooling_until is None,
+        )
