@@ -2,8 +2,8 @@
 
 Every ``tick`` the driver prints one line with the cluster's figures (rows, requests per
 second, requests in flight against the cluster's cap, 429s, spend) and one short line per
-worker (its shard, rows, requests in flight, and ``late`` when it has not called the
-coordinator for longer than its lease: a worker that died and is being restarted).
+worker (its shard, rows, requests in flight, permits, and how long ago it last called the
+coordinator: longer than its lease means a worker that died and is being restarted).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from pipeline.api.endpoint import endpoint
-from pipeline.cli.cluster_display import ClusterLive
+from pipeline.cli.cluster_display import ClusterLive, Totals
 from pipeline.cluster.driver import ClusterReport, ClusterReporter, cluster_options, run_cluster
 from pipeline.cluster.leases import Figures
 from pipeline.cluster.plan import ShardPlan
@@ -59,17 +59,13 @@ class ClusterLines(ClusterReporter):
     def update(self, figures: Figures, report: ClusterReport) -> None:
         if self.quiet:
             return
-        elapsed = max(1e-9, time.monotonic() - self._started)
-        workers = figures.workers.values()
-        requests = report.requests + sum(p.requests for p in workers)
-        done = report.ok + report.failed + sum(p.rows_done for p in workers)
-        in_flight = sum(p.in_flight for p in workers)
-        limited = sum(p.rate_limited for p in workers)
+        totals = Totals.of(figures, report, self._started)
         spend = "" if figures.spent_usd is None else f" · ${figures.spent_usd:.6f}"
         cap = "" if figures.cap_usd is None else f" of ${figures.cap_usd}"
         click.echo(
-            f"rows {done:,}/{self._rows:,} · {requests / elapsed:,.0f} req/s · in flight "
-            f"{in_flight}/{figures.snapshot.cap} · 429s {limited}{spend}{cap} · "
+            f"rows {totals.done:,}/{self._rows:,} · {totals.requests_per_s:,.0f} req/s · in "
+            f"flight {totals.in_flight}/{figures.snapshot.cap} · 429s {totals.rate_limited}"
+            f"{spend}{cap} · "
             f"coordinator calls {figures.calls:,}",
             err=True,
         )

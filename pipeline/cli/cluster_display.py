@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import TextIO
 
 from rich.console import Console, Group
@@ -21,6 +22,30 @@ from pipeline.cluster.driver import ClusterReport, ClusterReporter
 from pipeline.cluster.leases import TTL_S, ZERO, Figures
 from pipeline.cluster.plan import ShardPlan
 from pipeline.job.spec import JobSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """The cluster's figures added up: the finished shards' (``report``) and each worker's."""
+
+    done: int
+    """Rows with a result."""
+    requests_per_s: float
+    """Requests sent per second since ``started``."""
+    in_flight: int
+    rate_limited: int
+
+    @classmethod
+    def of(cls, figures: Figures, report: ClusterReport, started: float) -> Totals:
+        elapsed = max(1e-9, time.monotonic() - started)
+        workers = figures.workers.values()
+        requests = report.requests + sum(p.requests for p in workers)
+        return cls(
+            done=report.ok + report.failed + sum(p.rows_done for p in workers),
+            requests_per_s=requests / elapsed,
+            in_flight=sum(p.in_flight for p in workers),
+            rate_limited=sum(p.rate_limited for p in workers),
+        )
 
 
 class ClusterLive(ClusterReporter):
@@ -51,12 +76,9 @@ class ClusterLive(ClusterReporter):
             self._live.update(self.render(figures, report))
 
     def render(self, figures: Figures, report: ClusterReport) -> Group:
-        elapsed = max(1e-9, time.monotonic() - self._started)
+        totals = Totals.of(figures, report, self._started)
         workers = figures.workers.values()
-        requests = report.requests + sum(p.requests for p in workers)
-        done = report.ok + report.failed + sum(p.rows_done for p in workers)
-        in_flight = sum(p.in_flight for p in workers)
-        limited = sum(p.rate_limited for p in workers)
+        done = totals.done
         total = max(self._rows, 1)
         head = Table.grid(padding=(0, 1))
         head.add_row(
@@ -70,8 +92,9 @@ class ClusterLive(ClusterReporter):
         spend = "$ unknown" if spent is None else f"${spent:.6f}"
         cap = "" if figures.cap_usd is None else f" of ${figures.cap_usd}"
         line = (
-            f"{requests / elapsed:,.0f} req/s · in flight {in_flight}/{figures.snapshot.cap} · "
-            f"429s {limited} · {spend}{cap} · coordinator calls {figures.calls:,}"
+            f"{totals.requests_per_s:,.0f} req/s · in flight {totals.in_flight}/"
+            f"{figures.snapshot.cap} · 429s {totals.rate_limited} · {spend}{cap} · "
+            f"coordinator calls {figures.calls:,}"
         )
         table = Table(box=None, padding=(0, 1), header_style="dim")
         for column in ("worker", "shard", "rows", "in flight", "permits", "last call"):
