@@ -313,7 +313,9 @@ def test_a_killed_driver_is_finished_by_the_same_command(
     resent = resent_by_server(stats)
     found = re.search(r"(\d+) request\(s\) left in flight", finished.stderr)
     reported = 0 if found is None else int(found.group(1))
-    assert resent <= reported <= 32 + 4 * 4, finished.stderr
+    # The bound: the cluster's 32 in flight, plus each of the 4 workers' commit group (its
+    # engine commits results in groups of half max_in_flight: pipeline/engine/writer.py).
+    assert resent <= reported <= 32 + 4 * (32 // 2), finished.stderr
     assert stats["requests_total"] - before == rows - before + resent
     print(f"\ntest 5: first run {before} requests, re-sent {resent}, reported {reported}")
     again = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
