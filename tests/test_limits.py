@@ -23,7 +23,7 @@ from pipeline.provider.limits import (
     parse_duration,
     parse_rate_limit_headers,
 )
-from pipeline.provider.rate_window import RateLimitHeaders
+from pipeline.provider.rate_window import WINDOW_S, RateLimitHeaders, RateWindow
 
 
 def make(**config: object) -> LimiterState:
@@ -242,6 +242,37 @@ def test_a_cancelled_grant_frees_its_place_in_the_window() -> None:
     take(state, 10.0)
     take(state, 20.0)
     assert state.try_acquire(30.0, 0) == Wait(until=70.0, reason="2 requests in the last minute")
+
+
+def test_the_window_counts_stay_exact_over_minutes_of_grants() -> None:
+    """The log is cut off at its front as grants leave it; settling, cancelling and skipped
+    grant ids must keep the minute's counts equal to a plain count of the grants in it."""
+    window = RateWindow(None, None, burst_s=0.5, default_hold_s=1.0)
+    rng = random.Random(7)
+    live: dict[int, tuple[float, int]] = {}
+    grant_id = 0
+    for step in range(40_000):
+        now = step * 0.005  # 200 grants a second for 200 s
+        window.advance(now)
+        grant_id += 1 if rng.random() < 0.9 else 3  # ids only grow; some are skipped
+        tokens = rng.randint(1, 50)
+        window.record(now, grant_id, tokens)
+        live[grant_id] = (now, tokens)
+        older = grant_id - rng.randint(0, 400)
+        if older in live and rng.random() < 0.3:
+            settled = rng.randint(0, 80)
+            window.settle(now, older, settled)
+            if now < live[older][0] + WINDOW_S:
+                live[older] = (live[older][0], settled)
+        elif older in live and rng.random() < 0.05:
+            window.cancel(now, older)
+            del live[older]
+        if step % 997 == 0:
+            in_window = [t for at, t in live.values() if now < at + WINDOW_S]
+            assert window.requests_in_window == len(in_window)
+            assert window.tokens_in_window == sum(in_window)
+    with pytest.raises(ValueError, match="not newer"):
+        window.record(200.0, grant_id, 1)
 
 
 def test_pacing_spreads_a_fresh_budget() -> None:

@@ -127,6 +127,8 @@ class ResultWriter:
         row must have one. Returns the number of rows the output holds.
         """
         assert self.sink is not None
+        if first >= scan.rows:  # the run wrote every row as it went: nothing to read again
+            return self.sink.rows
         context = self._context
         planner = context.planner
         known = self._journal.results_for("result")

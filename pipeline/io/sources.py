@@ -27,6 +27,7 @@ import glob
 import gzip
 import io
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
@@ -42,6 +43,22 @@ from pipeline.io import remote, tables
 Format = Literal["parquet", "jsonl", "table"]
 _SUFFIXES: dict[str, Format] = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 DEFAULT_BATCH_ROWS = 2048
+
+
+def _use_a_pool_that_returns_memory() -> None:
+    """Allocate Arrow's buffers with the system allocator, unless the environment picks one.
+
+    Arrow's default pool on Linux (mimalloc) keeps the pages of freed batches: streaming a
+    1,000,000-row input in batches grew a process by about 60 MiB while the pool never held
+    more than 8 MiB at once, so a run's memory grew with its input. The system allocator
+    gives them back (a 10 MiB growth for the same read). ``ARROW_DEFAULT_MEMORY_POOL`` set
+    in the environment wins.
+    """
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
+_use_a_pool_that_returns_memory()
 _BOM = "\ufeff"
 
 

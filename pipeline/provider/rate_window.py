@@ -49,7 +49,7 @@ not concurrency, ran out) does not cut the in-flight cap.
 from __future__ import annotations
 
 import math
-from collections import deque
+from array import array
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
@@ -83,14 +83,102 @@ def rate_exhausted(headers: RateLimitHeaders | None, tokens: int) -> bool:
     return requests_gone or (left is not None and left < max(1, tokens))
 
 
-@dataclass(slots=True)
-class _Entry:
-    """One grant in the 60-second log."""
+class _Log:
+    """The grants of the last 60 s, oldest first: for each, when it leaves the window and
+    the requests (1, or 0 once cancelled) and tokens it charges.
 
-    grant_id: int
-    expires_at: float
-    requests: int
-    tokens: int
+    Grant ids only grow, so the log is three flat arrays indexed by ``grant_id - first``
+    (a skipped id is an entry that charges nothing). Dropped entries are cut off the front
+    once they are half the arrays. 60 s of grants at 3,000 a second take 3 MiB here, against
+    32 MiB as one object and one dict entry per grant.
+    """
+
+    __slots__ = ("_expires", "_first", "_head", "_requests", "_tokens")
+
+    def __init__(self) -> None:
+        self._first = 0
+        """The grant id at index 0 of the arrays."""
+        self._head = 0
+        """The index of the oldest entry still in the window."""
+        self._expires = array("d")
+        self._requests = array("b")
+        self._tokens = array("q")
+
+    def __len__(self) -> int:
+        return len(self._expires) - self._head
+
+    def append(self, grant_id: int, expires_at: float, tokens: int) -> None:
+        if not self:
+            self._reset(grant_id)
+        index = grant_id - self._first
+        if index < len(self._expires):
+            raise ValueError(f"grant {grant_id} is not newer than every grant in the log")
+        for _ in range(index - len(self._expires)):  # skipped ids charge nothing
+            self._expires.append(expires_at)
+            self._requests.append(0)
+            self._tokens.append(0)
+        self._expires.append(expires_at)
+        self._requests.append(1)
+        self._tokens.append(tokens)
+
+    def settle(self, grant_id: int, tokens: int) -> int:
+        """Charge ``tokens`` for ``grant_id`` instead of what it charged; the change (0 when
+        the grant has left the window or was cancelled)."""
+        index = self._index(grant_id)
+        if index is None or not self._requests[index]:
+            return 0
+        delta = tokens - self._tokens[index]
+        self._tokens[index] = tokens
+        return delta
+
+    def cancel(self, grant_id: int) -> int | None:
+        """Make ``grant_id`` charge nothing; the tokens it charged (None when it had left
+        the window or was cancelled already)."""
+        index = self._index(grant_id)
+        if index is None or not self._requests[index]:
+            return None
+        tokens = self._tokens[index]
+        self._requests[index] = 0
+        self._tokens[index] = 0
+        return tokens
+
+    def _index(self, grant_id: int) -> int | None:
+        index = grant_id - self._first
+        return index if self._head <= index < len(self._expires) else None
+
+    def pop_expired(self, now: float) -> tuple[int, int]:
+        """Drop the entries that have left the window by ``now``; the requests and tokens
+        they charged."""
+        head, end = self._head, len(self._expires)
+        expires = self._expires
+        requests = tokens = 0
+        while head < end and now >= expires[head]:
+            requests += self._requests[head]
+            tokens += self._tokens[head]
+            head += 1
+        self._head = head
+        if head and head * 2 >= end:
+            del self._expires[:head], self._requests[:head], self._tokens[:head]
+            self._first += head
+            self._head = 0
+        return requests, tokens
+
+    def frees_at(self, excess: int, *, tokens: bool) -> float:
+        """When the oldest entries that together free ``excess`` units leave the window."""
+        units = self._tokens if tokens else self._requests
+        freed = 0
+        for index in range(self._head, len(self._expires)):
+            freed += units[index]
+            if freed >= excess:
+                return self._expires[index]
+        return math.inf
+
+    def _reset(self, grant_id: int) -> None:
+        self._expires = array("d")
+        self._requests = array("b")
+        self._tokens = array("q")
+        self._first = grant_id
+        self._head = 0
 
 
 class _Pacer:
@@ -161,8 +249,7 @@ class RateWindow:
         """How long an empty budget holds grants when the headers give no reset time."""
         self._server_rpm: int | None = None
         self._server_tpm: int | None = None
-        self._log: deque[_Entry] = deque()
-        self._entries: dict[int, _Entry] = {}
+        self._log = _Log()
         self.requests_in_window = 0
         self.tokens_in_window = 0
         self._request_pacer: _Pacer | None = None
@@ -181,11 +268,9 @@ class RateWindow:
 
     def advance(self, now: float) -> None:
         """Drop log entries older than the window; start the pacers of budgets now known."""
-        while self._log and now >= self._log[0].expires_at:
-            entry = self._log.popleft()
-            del self._entries[entry.grant_id]
-            self.requests_in_window -= entry.requests
-            self.tokens_in_window -= entry.tokens
+        requests, tokens = self._log.pop_expired(now)
+        self.requests_in_window -= requests
+        self.tokens_in_window -= tokens
         if self._request_pacer is None and self.requests_per_minute is not None:
             self._request_pacer = _Pacer(
                 self.requests_per_minute, self._burst_s, now, self._pace_fraction
@@ -219,9 +304,7 @@ class RateWindow:
     def record(self, now: float, grant_id: int, tokens: int) -> None:
         """Charge a grant made now that reserves ``tokens``."""
         self._last_grant_id = max(self._last_grant_id, grant_id)
-        entry = _Entry(grant_id=grant_id, expires_at=now + WINDOW_S, requests=1, tokens=tokens)
-        self._log.append(entry)
-        self._entries[grant_id] = entry
+        self._log.append(grant_id, now + WINDOW_S, tokens)
         self.requests_in_window += 1
         self.tokens_in_window += tokens
         if self._request_pacer is not None:
@@ -232,26 +315,23 @@ class RateWindow:
     def settle(self, now: float, grant_id: int, actual_tokens: int) -> None:
         """Charge ``actual_tokens`` instead of what the grant reserved (or last settled);
         nothing changes for a grant that has left the window."""
-        entry = self._entries.get(grant_id)
-        if entry is None or entry.requests == 0:
+        delta = self._log.settle(grant_id, actual_tokens)
+        if not delta:
             return
-        delta = actual_tokens - entry.tokens
-        entry.tokens = actual_tokens
         self.tokens_in_window += delta
         if self._token_pacer is not None:
             self._token_pacer.take(now, delta)
 
     def cancel(self, now: float, grant_id: int) -> None:
         """Give back a grant whose request was never sent, as if it had not been made."""
-        entry = self._entries.get(grant_id)
-        if entry is not None and entry.requests:
-            self.requests_in_window -= entry.requests
-            self.tokens_in_window -= entry.tokens
+        tokens = self._log.cancel(grant_id)
+        if tokens is not None:
+            self.requests_in_window -= 1
+            self.tokens_in_window -= tokens
             if self._request_pacer is not None:
                 self._request_pacer.take(now, -1)
             if self._token_pacer is not None:
-                self._token_pacer.take(now, -entry.tokens)
-            entry.requests = entry.tokens = 0
+                self._token_pacer.take(now, -tokens)
 
     def learn(self, now: float, headers: RateLimitHeaders, tokens: int) -> None:
         """Adopt the limits ``headers`` advertise, and hold grants while they show a budget
@@ -302,9 +382,4 @@ class RateWindow:
 
     def _window_frees_at(self, excess: int, *, tokens: bool) -> float:
         """When the oldest entries that together free ``excess`` units leave the window."""
-        freed = 0
-        for entry in self._log:
-            freed += entry.tokens if tokens else entry.requests
-            if freed >= excess:
-                return entry.expires_at
-        return math.inf  # unreachable while the request itself fits the budget
+        return self._log.frees_at(excess, tokens=tokens)  # inf: unreachable while it fits
