@@ -3,6 +3,7 @@ run, all against the same built-in server (one process, fixed latency, optional 
 
     python bench/ray_throughput.py                  # test 1: max_in_flight 32, 300 ms
     python bench/ray_throughput.py --scenario hidden  # test 2: server cap 40, job allows 256
+    python bench/ray_throughput.py --rpm 3000         # a requests/min budget binds (50 req/s)
 
 Prints one line per run: wall time (planning, actor start and the output included), requests
 per second over the whole run, and the *steady* utilisation: from the server's own per-second
@@ -10,8 +11,10 @@ series (requests received, average in flight), the seconds after the ramp (``--s
 for the hidden cap as the issue says, 3 s otherwise, counted from the first request) and
 before the last shards drain, as the average in flight over ``min(max_in_flight, hidden)``;
 then the server's peak in flight, 429s, and coordinator calls per request. Every run is
-``--fresh``. At 50 ms the run is CPU-bound on a 2-core machine (4 workers, the driver, the
-coordinator and the server share it): the default latency, 300 ms, measures the limiter.
+``--fresh``. With ``--rpm`` (or ``--tpm``) the job sets that budget and the server (its
+``openai`` profile) enforces it per second, so a cluster over it would see 429s. At 50 ms
+the run is CPU-bound on a 2-core machine (4 workers, the driver, the coordinator and the
+server share it): the default latency, 300 ms, measures the limiter.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pyarrow.parquet as pq
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def write_job(folder: Path, base_url: str, max_in_flight: int) -> Path:
+def write_job(folder: Path, base_url: str, max_in_flight: int, limits: str = "") -> Path:
     job = folder / "job.toml"
     job.write_text(
         f"""
@@ -46,6 +49,7 @@ thinking = {{ type = "disabled" }}
 max_in_flight = {max_in_flight}
 max_attempts = 20
 max_retry_wait_s = 0.05
+{limits}
 [output]
 path = "{folder / "out.parquet"}"
 """
@@ -69,7 +73,7 @@ def steady_utilisation(
     return sum(window) / len(window) / cap if window else 0.0
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--scenario", choices=("cap", "hidden"), default="cap")
@@ -80,6 +84,8 @@ def main() -> None:
     parser.add_argument("--no-single", action="store_true", help="skip the single-machine run")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--num-cpus", type=int, default=4)
+    parser.add_argument("--rpm", type=int, default=0, help="requests_per_minute (0: none)")
+    parser.add_argument("--tpm", type=int, default=0, help="tokens_per_minute (0: none)")
     args = parser.parse_args()
     hidden_scenario = args.scenario == "hidden"
     if args.max_in_flight is None:
@@ -88,6 +94,23 @@ def main() -> None:
         args.hidden = 40 if hidden_scenario else 0
     if args.skip_s is None:
         args.skip_s = 10.0 if hidden_scenario else 3.0
+    return args
+
+
+def rate_limits(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
+    """The job's [limits] lines for ``--rpm``/``--tpm``, and the server options enforcing
+    them per second (none without them)."""
+    limits = "".join(
+        f"{name} = {value}\n"
+        for name, value in (("requests_per_minute", args.rpm), ("tokens_per_minute", args.tpm))
+        if value
+    )
+    server = {"profile": "openai", "rpm": args.rpm, "tpm": args.tpm, "rate_window_s": 1}
+    return limits, server if limits else {}
+
+
+def main() -> None:
+    args = parse_args()
     cap = min(args.max_in_flight, args.hidden or args.max_in_flight)
 
     import ray
@@ -98,14 +121,19 @@ def main() -> None:
     from pipeline.server.process import reset_server_stats, server_stats
 
     ideal = min(args.max_in_flight, args.hidden or args.max_in_flight) / (args.latency_ms / 1000)
+    if args.rpm:
+        ideal = min(ideal, args.rpm / 60)
+    limits, rated = rate_limits(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         texts = [f"row {i}" for i in range(args.rows)]
         pq.write_table(pa.table({"text": texts}), folder / "in.parquet")
         with testing.local_server(
-            latency_ms=args.latency_ms, max_concurrency=args.hidden
+            latency_ms=args.latency_ms,
+            max_concurrency=args.hidden,
+            **rated,
         ) as base_url:
-            job = write_job(folder, base_url, args.max_in_flight)
+            job = write_job(folder, base_url, args.max_in_flight, limits)
 
             def line(name: str, elapsed: float, requests: int, calls: int | None) -> None:
                 stats = server_stats(base_url)

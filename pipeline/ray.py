@@ -40,7 +40,8 @@ def run_job(
     ``job`` and ``**overrides`` are those of :func:`pipeline.run_job`; ``address``,
     ``workers``, ``shard_rows`` and ``state_root`` override the job's ``[cluster]`` table.
     ``num_cpus`` sizes a local Ray instance started here; ``lease_ttl_s`` is how long a
-    worker that stopped calling the coordinator keeps its permits (15 s). The API key is
+    worker that stopped calling the coordinator keeps its permits (60 s; a worker Ray
+    restarts gives back its predecessor's at its first call). The API key is
     read from the environment variable ``[request] api_key_env`` names, on each node: it
     never passes through Ray.
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +17,7 @@ from pipeline.cli.commands import cli
 from pipeline.cluster import plan as cluster_plan
 from pipeline.cluster.leases import LeaseBook, Report, SyncCall
 from pipeline.cluster.plan import plan_shards
+from pipeline.cluster.rates import SharePacer
 from pipeline.engine import shared
 from pipeline.provider.limits import LimiterConfig
 from pipeline.server.process import server_stats
@@ -69,63 +71,120 @@ def test_ray_without_the_extra_says_which_extra_to_install(
     assert "pip install 'pipeline[ray]'" in result.output
 
 
-def test_the_cluster_starts_at_most_its_requests_and_tokens_per_minute() -> None:
-    """Three workers ask for starts every 0.1 s for two minutes: in every 60 s window the
-    starts lent (all used at once) stay within requests_per_minute and tokens_per_minute."""
-    config = LimiterConfig(
-        max_in_flight=64, initial_in_flight=64, requests_per_minute=600, tokens_per_minute=30_000
-    )
-    book = LeaseBook(config)
-    lent: list[tuple[float, int]] = []
-    calls = 0
-    for tick in range(1200):
-        now = tick * 0.1
-        for worker in ("a", "b", "c"):
-            calls += 1
-            reply = book.sync(
-                now,
-                SyncCall(
-                    worker=worker,
-                    call_id=f"{worker}/{calls}",
-                    want=64,
-                    in_use=0,
-                    starts_wanted=64,
-                    start_tokens=40,
-                ),
-            )
-            assert reply.starts is not None
-            lent.extend((now, 40) for _ in reply.starts.ids)
-    for start in range(0, 60):
-        window = [tokens for at, tokens in lent if start <= at < start + 60]
-        assert len(window) <= 600
-        assert sum(window) <= 30_000
-    # ... and the cluster does use the budget: 30000 tokens/min of 40 each is 750 requests,
-    # so requests/min binds (less the margin for starts held up to a second before use).
-    assert len([at for at, _ in lent if 60 <= at < 120]) >= 0.95 * 600
+class _PacedCluster:
+    """Workers that pace greedily at the rate shares their calls to ``book`` bring, calling
+    every 5 s (every second while their share is short)."""
 
+    def __init__(self, book: LeaseBook, config: LimiterConfig) -> None:
+        self.book, self.config = book, config
+        self.pacers: dict[str, SharePacer] = {}
+        self.next_call: dict[str, float] = {}
+        self.calls = 0
 
-def test_unused_starts_come_back_to_the_window() -> None:
-    config = LimiterConfig(max_in_flight=8, requests_per_minute=60)
-    book = LeaseBook(config)
-    first = book.sync(0.0, SyncCall(worker="a", call_id="a/1", want=8, in_use=0, starts_wanted=8))
-    assert first.starts is not None
-    assert first.starts.ids
-    blocked = book.sync(0.1, SyncCall(worker="a", call_id="a/2", want=8, in_use=0, starts_wanted=8))
-    assert blocked.starts is not None
-    assert not blocked.starts.ids
-    back = book.sync(
-        0.2,
-        SyncCall(
-            worker="a",
-            call_id="a/3",
-            want=8,
+    def call(self, worker: str, now: float, *, leaving: bool = False) -> None:
+        self.calls += 1
+        call = SyncCall(
+            worker=worker,
+            call_id=str(self.calls),
+            want=64,
             in_use=0,
-            starts_wanted=8,
-            starts_returned=first.starts.ids,
-        ),
+            waiting=1,
+            leaving=leaving,
+            slot=worker[0],
+        )
+        reply = self.book.sync(now, call)
+        assert self.book.rates is not None
+        assert sum(self.book.rates.held.values()) <= 1 + 1e-9  # never more than the budgets
+        if leaving:
+            self.stop(worker)
+        else:
+            assert reply.rates is not None
+            self.pacers[worker].apply(now, reply.rates)
+            self.next_call[worker] = now + (5.0 if reply.rates.full else 1.0)
+
+    def join(self, worker: str, now: float) -> None:
+        self.pacers[worker] = SharePacer()
+        self.pacers[worker].configure(self.config)
+        self.call(worker, now)
+
+    def stop(self, worker: str) -> None:
+        del self.pacers[worker], self.next_call[worker]
+
+    def send(self, now: float, tokens: int) -> int:
+        """Every request the workers may send now; how many."""
+        sent = 0
+        for worker, pacer in list(self.pacers.items()):
+            if self.next_call[worker] <= now:
+                self.call(worker, now)
+            while pacer.ready_at(tokens) <= now:
+                pacer.take(now, tokens)
+                sent += 1
+        return sent
+
+
+def test_workers_pacing_at_their_rate_shares_keep_the_cluster_within_its_budgets() -> None:
+    """Three workers pace at their shares; one leaves for good at 40 s (the driver expects two
+    from then on), one dies at 90 s: its lease expires, and its restart at 100 s takes its
+    slot. In every 60 s window the cluster's requests and tokens stay within the budgets, in
+    every stretch of seconds within the rate plus a second; the budget is used."""
+    rpm, tpm, tokens, step = 600, 30_000, 40, 0.01
+    config = LimiterConfig(
+        max_in_flight=64, initial_in_flight=64, requests_per_minute=rpm, tokens_per_minute=tpm
     )
-    assert back.starts is not None
-    assert back.starts.ids
+    book = LeaseBook(config, workers=3, ttl_s=6.0)
+    cluster = _PacedCluster(book, config)
+
+    def leave(now: float) -> None:
+        cluster.call("a", now, leaving=True)
+        book.expect(2)
+
+    def expired(now: float) -> None:
+        book.expire(now)
+        assert list(book.leases) == ["c"]  # the dead worker's lease expired: its share is free
+        assert book.rates is not None
+        assert list(book.rates.held) == ["c"]
+
+    events: dict[int, Callable[[float], None]] = {
+        0: lambda now: cluster.join("a", now),
+        30: lambda now: cluster.join("b", now),
+        90: lambda now: cluster.join("c", now),
+        4000: leave,
+        9000: lambda now: cluster.stop("b"),  # dies: stops calling
+        9900: expired,
+        10000: lambda now: cluster.join("b2", now),
+    }
+    per_second = [0] * 150
+    for tick in range(int(150 / step)):
+        now = tick * step
+        if tick in events:
+            events[tick](now)
+        per_second[int(now)] += cluster.send(now, tokens)
+    assert sorted(book.leases) == ["b2", "c"]
+    assert book.expired == 1
+    for first in range(0, 91):
+        assert sum(per_second[first : first + 60]) <= rpm  # tokens: 40 each, 24,000 <= tpm
+    rate = rpm / 60
+    for width in range(1, 30):
+        for first in range(0, 150 - width):
+            assert sum(per_second[first : first + width]) <= rate * (width + 1)
+    # ... and the cluster does use its budget (after the start and around the changes).
+    assert sum(per_second[10:40]) >= 0.95 * rate * 30
+    assert sum(per_second[102:150]) >= 0.95 * rate * 48
+    assert cluster.calls < 0.05 * sum(per_second)  # calls follow the shares, not the rate
+
+
+def test_a_restarted_worker_ends_its_predecessors_lease_at_once() -> None:
+    book = LeaseBook(LimiterConfig(max_in_flight=8, initial_in_flight=8, requests_per_minute=60))
+    first = book.sync(0.0, SyncCall(worker="w0:1", call_id="1", want=8, in_use=0, slot="w0"))
+    assert first.permits == 4
+    assert first.rates is not None
+    assert first.rates.fraction == 1.0
+    again = book.sync(1.0, SyncCall(worker="w0:2", call_id="1", want=8, in_use=0, slot="w0"))
+    assert list(book.leases) == ["w0:2"]
+    assert book.expired == 1
+    assert again.rates is not None
+    assert again.rates.fraction == 1.0
+    assert book.state.in_flight == again.permits
 
 
 def test_a_single_machine_run_after_a_cluster_run_is_refused(
@@ -176,4 +235,41 @@ def test_the_live_display_shows_the_cluster_and_each_workers_health() -> None:
     assert "w0:1" in shown
     assert "00001" in shown
     assert "5/100" in shown
-    assert "20.0 s ago" in shown  # the last call, 20 s ago (longer than a lease)
+    assert "20.0 s ago" in shown  # the last call, 20 s ago
+
+
+def _lease_up(book: LeaseBook, worker: str, permits: int) -> None:
+    """``worker`` calls, busy with every permit and more waiting, until it holds ``permits``."""
+    for n in range(10):
+        held = book.leases[worker].permits if worker in book.leases else 0
+        if held >= permits:
+            return
+        call = SyncCall(worker=worker, call_id=f"up{n}", want=permits, in_use=held, waiting=1)
+        book.sync(0.0, call)
+    raise AssertionError(f"{worker} never got {permits} permits")
+
+
+def test_the_coordinator_learns_from_the_requests_really_in_flight() -> None:
+    """Idle permits do not raise the cap, and a 429 cuts from what was in flight, not from
+    the cap (which may stand above it while permits are not used)."""
+    config = LimiterConfig(max_in_flight=256, initial_in_flight=16)
+    ok = Report(outcome="ok", epoch=0, latency_s=0.1, tokens=0, in_flight=16)
+    idle = SyncCall(worker="a", call_id="idle", want=16, in_use=8, reports=(ok,) * 16)
+    book = LeaseBook(config)
+    _lease_up(book, "a", 16)
+    book.sync(0.1, idle)  # half its permits idle: the cap held nothing back
+    assert book.state.cap == 16
+    book = LeaseBook(config)
+    _lease_up(book, "a", 16)
+    busy = replace(ok, full=True)
+    book.sync(0.1, replace(idle, waiting=4, reports=(busy,) * 16))
+    assert book.state.cap == 32  # slow start: every permit in use, the cap doubles
+    # The cap stands at 48 (known ceiling 44), but the workers had 41 in flight at the 429:
+    # the ceiling is 41, and the cut (gentle: near the known ceiling) goes to 40.
+    book = LeaseBook(replace(config, initial_in_flight=48, known_ceiling=44))
+    _lease_up(book, "a", 24)
+    _lease_up(book, "b", 24)
+    limited = Report(outcome="rate_limited", epoch=0, latency_s=0, tokens=0, in_flight=17)
+    book.sync(0.2, SyncCall(worker="a", call_id="429", want=24, in_use=16, reports=(limited,)))
+    assert book.state.snapshot(0.2).ceiling == 41
+    assert book.state.cap == 40

@@ -7,6 +7,7 @@ from typing import Any
 from pipeline.api.endpoint import LOCAL_PRICE_URL
 from pipeline.api.jobs import JobLike
 from pipeline.api.run import prepared_job
+from pipeline.engine.shared import shard_folders
 from pipeline.estimate.figures import Estimate
 from pipeline.estimate.scan import compute_estimate
 from pipeline.job.spec import Overrides, apply_overrides
@@ -28,8 +29,16 @@ def estimate_job(
     ``output_tokens_expected`` and ``output_tokens_worst``, ``cost`` (``expected``,
     ``worst_case``, ``interval_95``, in USD as Decimals; None when the price is unknown),
     ``duration`` and ``warnings``; ``to_dict()`` gives what ``pipeline estimate --json``
-    prints. Works anywhere, a running event loop included (it runs no loop of its own).
+    prints. Works anywhere, a running event loop included (it runs no loop of its own). A
+    job that ran on a Ray cluster counts its shards' finished rows, as ``pipeline estimate``
+    does.
     """
     with prepared_job(job, rows, local, overrides, caller="estimate_job") as spec:
         priced = apply_overrides(spec, Overrides(base_url=LOCAL_PRICE_URL)) if local else spec
-        return compute_estimate(priced)
+        journal = None
+        if shard_folders(priced):  # it ran on a cluster: its shards' results count
+            from pipeline.cluster.status import ShardedJournal, shard_plan
+
+            plan = shard_plan(priced)
+            journal = None if plan is None else ShardedJournal(priced, plan)
+        return compute_estimate(priced, journal=journal)

@@ -101,7 +101,7 @@ class ClusterLive(ClusterReporter):
             table.add_column(column, justify="left" if column in ("worker", "shard") else "right")
         for name, progress in sorted(figures.workers.items()):
             age = figures.last_call_s.get(name)
-            late = age is not None and age > TTL_S
+            late = age is not None and age > TTL_S / 2  # it missed a renewal
             table.add_row(
                 escape(name),
                 progress.shard or "(starting)",

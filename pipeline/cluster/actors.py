@@ -36,12 +36,23 @@ class Coordinator:
     """The cluster's limiter and budget (one actor per cluster run)."""
 
     def __init__(
-        self, config: LimiterConfig, cap_usd: Decimal | None, spent_usd: Decimal, ttl_s: float
+        self,
+        config: LimiterConfig,
+        cap_usd: Decimal | None,
+        spent_usd: Decimal,
+        ttl_s: float,
+        workers: int = 1,
     ) -> None:
-        self.book = LeaseBook(config, cap_usd=cap_usd, spent_usd=spent_usd, ttl_s=ttl_s)
+        self.book = LeaseBook(
+            config, cap_usd=cap_usd, spent_usd=spent_usd, ttl_s=ttl_s, workers=workers
+        )
 
     def sync(self, call: SyncCall) -> SyncReply:
         return self.book.sync(time.monotonic(), call)
+
+    def expect(self, workers: int) -> None:
+        """The driver runs ``workers`` workers from now on."""
+        self.book.expect(workers)
 
     def figures(self) -> Figures:
         now = time.monotonic()
@@ -117,7 +128,7 @@ class ShardWorker:
         from pipeline.engine.runner import Runner, RunOptions
 
         worker = f"w{self.index}:{os.getpid()}"
-        link = ShardLink(_caller(self.coordinator), worker=worker)
+        link = ShardLink(_caller(self.coordinator), worker=worker, slot=f"w{self.index}")
         job = task.job
         runner = Runner(
             job,

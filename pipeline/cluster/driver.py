@@ -379,13 +379,14 @@ def _run_shards(
     config = _limiter_config(job, plan, root)
     coordinator_name = f"coordinator-{tag}"
     _kill_named(ray, coordinator_name)
+    count = min(options.workers, len(todo))
     coordinator = (
         ray.remote(Coordinator)
         .options(name=coordinator_name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1)
-        .remote(config, cap, spent, options.ttl_s)
+        .remote(config, cap, spent, options.ttl_s, count)
     )
     workers = []
-    for index in range(min(options.workers, len(todo))):
+    for index in range(count):
         name = f"worker-{tag}-{index}"
         _kill_named(ray, name)
         workers.append(
@@ -425,6 +426,8 @@ def _run_shards(
                 if result.over_budget:
                     stop = True
                 idle.append(worker)
+                if not pending and running:  # the idle workers get no more shards
+                    coordinator.expect.remote(len(running))
             if clock() >= next_tick:
                 next_tick = clock() + options.tick_s
                 report.figures = ray.get(coordinator.figures.remote())

@@ -6,7 +6,8 @@ passed in. A worker does not ask for every request (an actor call costs ~0.8 ms)
 *lease* of permits (each one request in flight) and dollars, uses them locally for as many
 requests as it likes, and calls :meth:`LeaseBook.sync` every few hundred milliseconds or when
 its stock runs low, with what happened since (:class:`Report`: each finished request's outcome,
-the congestion epoch it was sent in, its latency and its tokens; the dollars spent).
+the congestion epoch it was sent in, its latency, its tokens and the worker's requests in
+flight then; the dollars spent).
 
 - **Permits.** Each permit a worker holds is backed by a grant of the coordinator's
   :class:`LimiterState`, so the state's cap bounds the permits of the whole cluster. For each
@@ -16,7 +17,11 @@ the congestion epoch it was sent in, its latency and its tokens; the dollars spe
   will not grant again right now (its cap was just cut) stays with the worker *unbacked*, and
   counts against the cap until the worker gives it back: new permits go out only while
   backed plus unbacked permits are below the cap, so the cluster never has more requests in
-  flight than ``max_in_flight``.
+  flight than ``max_in_flight``. The state learns from what was *really* in flight, not from
+  the permits out (some sit idle, or are not lent yet): its cap grows on a success only while
+  every permit was lent and in use, and a 429 cuts from the cluster's requests in flight then
+  (the worker's own count, the others' as their last calls said), so the ceiling it learns is
+  the provider's, not the permits'.
 - **Shares.** Workers that want permits share the cap (water-filling: no worker gets more than
   it asks for); a worker holding more than its share gives permits back as its requests finish.
 - **Dollars.** On every call a worker hands back the dollars it holds unreserved and asks for
@@ -26,10 +31,12 @@ the congestion epoch it was sent in, its latency and its tokens; the dollars spe
   call, as one machine would.
 - **Leases expire.** A worker that has not called within ``ttl_s`` is presumed dead: its
   grants go back (as errors: they may have reached the provider), and the dollars its
-  requests in flight had reserved count as spent (they may be billed).
-- **Rates.** When the job sets ``requests_per_minute`` or ``tokens_per_minute``, each request
-  also needs a *start*, leased from one rate window for the whole cluster
-  (:mod:`pipeline.cluster.starts`); the limiter state then bounds only what is in flight.
+  requests in flight had reserved count as spent (they may be billed). A worker restarted in
+  the same *slot* (Ray restarts a dead actor) ends its predecessor's lease the same way at its
+  first call, without waiting for the time-to-live.
+- **Rates.** When the job sets ``requests_per_minute`` or ``tokens_per_minute``, each lease
+  also carries a share of them that the worker paces at (:mod:`pipeline.cluster.rates`); the
+  limiter state then bounds only what is in flight.
 - **Idempotent calls.** Each call carries an id; a call seen before gets its first answer
   again and changes nothing, so a retried actor call never grants twice.
 """
@@ -41,7 +48,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-from pipeline.cluster.starts import StartBook, Starts
+from pipeline.cluster.rates import RateShare, RateShares
 from pipeline.money.budget import Budget
 from pipeline.provider.limits import (
     Grant,
@@ -54,8 +61,8 @@ from pipeline.provider.limits import (
 from pipeline.provider.rate_window import RateLimitHeaders
 
 ZERO = Decimal(0)
-TTL_S = 15.0
-"""How long a lease lasts without a call."""
+TTL_S = 60.0
+"""How long a lease lasts without a call (a worker calls every third of it at least)."""
 REMEMBERED_CALLS = 8
 """Answers kept per worker for calls that might be retried."""
 MIN_STEP = 4
@@ -77,8 +84,10 @@ class Report:
     retry_after_s: float | None = None
     kept: bool = True
     """The worker keeps the permit for its next request (else it gives it back)."""
-    start: int | None = None
-    """The start the request was sent with (a job with a rate budget)."""
+    in_flight: int = 1
+    """The worker's requests in flight when it finished, this one included."""
+    full: bool = False
+    """The worker had requests waiting for a permit then (its permits held it back)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +110,8 @@ class SyncCall:
     want: int
     """Permits the worker could use now (those in use plus its waiting requests)."""
     in_use: int
+    waiting: int = 0
+    """Requests waiting for a permit (the worker uses every permit it holds)."""
     reports: tuple[Report, ...] = ()
     spent: Decimal | None = ZERO
     """Dollars settled since the last call (None: unknown price, counted as reserved)."""
@@ -117,12 +128,9 @@ class SyncCall:
     leaving: bool = False
     """The worker is done: everything it holds goes back."""
     progress: Progress = Progress()
-    starts_wanted: int = 0
-    """Starts the worker could use now (a job with a rate budget)."""
-    start_tokens: int = 0
-    """The estimated tokens of its largest request."""
-    starts_returned: tuple[int, ...] = ()
-    """Starts it did not use (too old, or it is leaving)."""
+    slot: str = ""
+    """Which of the driver's workers this is: a new worker in a slot ends the lease of the
+    one before it (it died and was restarted)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,8 +148,8 @@ class SyncReply:
     ttl_s: float
     spare: bool
     """Permits are free now: a worker that wants more may call again soon."""
-    starts: Starts | None = None
-    """Starts lent by this answer (a job with a rate budget)."""
+    rates: RateShare | None = None
+    """The worker's share of the rate budgets (a job with a rate budget)."""
 
 
 @dataclass(slots=True)
@@ -158,6 +166,10 @@ class _Lease:
     """Permits it may hold by its next call: ``want``, but at most double what it held (as
     slow start doubles per round trip: leases must not run ahead of what the provider has
     shown it takes, or one call could put the whole ``max_in_flight`` out at once)."""
+    slot: str = ""
+    in_use: int = 0
+    full: bool = False
+    """As its last call said: requests in use, and whether others waited for permits."""
     expires: float = 0.0
     answers: OrderedDict[str, SyncReply] = field(default_factory=OrderedDict)
     progress: Progress = Progress()
@@ -165,6 +177,11 @@ class _Lease:
     @property
     def permits(self) -> int:
         return len(self.grants) + self.unbacked
+
+    @property
+    def busy(self) -> int:
+        """Its requests in flight, as far as the coordinator knows."""
+        return self.permits if self.full else min(self.permits, self.in_use)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,19 +212,17 @@ class LeaseBook:
         spent_usd: Decimal = ZERO,
         ttl_s: float = TTL_S,
         rng: random.Random | None = None,
+        workers: int = 1,
     ) -> None:
         rated = config.requests_per_minute or config.tokens_per_minute
-        self.starts = StartBook(config) if rated else None
-        # The rate budgets are the start book's; the state bounds what is in flight.
+        self.rates = RateShares(config, workers=workers) if rated else None
+        # The rate budgets are the workers' shares; the state bounds what is in flight.
         unrated = replace(config, requests_per_minute=None, tokens_per_minute=None)
         self.state = LimiterState(unrated, rng=rng or random.Random())
         self.budget = None if cap_usd is None else Budget(cap=cap_usd, spent=spent_usd)
         self.unknown_spend = False
         self.ttl_s = ttl_s
         self.leases: dict[str, _Lease] = {}
-        self.pool: list[Grant] = []
-        """Grants held for workers that want permits and have not called since: the state
-        sees the whole demand in flight, so successes at the cap raise it (slow start)."""
         self.calls = 0
         self.reports = 0
         self.expired = 0
@@ -223,21 +238,22 @@ class LeaseBook:
         self.expire(now)
         if lease is None:
             # A new worker, or one whose lease expired: what it has in flight stays its own.
-            lease = self.leases[call.worker] = _Lease(unbacked=call.in_use)
+            self._succeed(now, call.slot)
+            lease = self.leases[call.worker] = _Lease(unbacked=call.in_use, slot=call.slot)
         lease.expires = now + self.ttl_s
         lease.progress = call.progress
         lease.want = call.want
         lease.reach = min(call.want, max(MIN_STEP, 2 * lease.permits))
+        lease.in_use, lease.full = call.in_use, call.waiting > 0
+        limited = self._limited()
         for report in call.reports:
-            self._report(now, call.worker, lease, report)
-        if self.starts is not None:
-            self.starts.returned(now, call.starts_returned)
+            self._report(now, lease, report, limited=limited)
         self._rebalance(now, lease)
         self._settle_dollars(lease, call)
         if call.leaving:
             self._close(now, lease, spend_reserved=False)
-            if self.starts is not None:
-                self.starts.forget(call.worker)
+            if self.rates is not None:
+                self.rates.forget(call.worker)
             lease.want = 0
             reply = self._reply(now, permits=0, share=0, dollars=ZERO)
             del self.leases[call.worker]
@@ -248,19 +264,12 @@ class LeaseBook:
             if grant is None:
                 break
             lease.grants.append(grant)
-        self._fill_pool(now)
         dollars = self._lend(lease, call)
         reply = self._reply(now, permits=lease.permits, share=share, dollars=dollars)
-        if self.starts is not None and call.starts_wanted > 0:
-            sharers = sum(1 for other in self.leases.values() if other.want > 0)
-            starts = self.starts.lend(
-                now,
-                call.worker,
-                wanted=call.starts_wanted,
-                tokens=max(0, call.start_tokens),
-                sharers=sharers,
-            )
-            reply = replace(reply, starts=starts)
+        if self.rates is not None:
+            active = sum(1 for other in self.leases.values() if other.want > 0)
+            rates = self.rates.assign(call.worker, wants=call.want > 0, active=active)
+            reply = replace(reply, rates=rates)
         lease.answers[call.call_id] = reply
         while len(lease.answers) > REMEMBERED_CALLS:
             lease.answers.popitem(last=False)
@@ -270,11 +279,26 @@ class LeaseBook:
         """Take back the leases of workers that stopped calling."""
         for worker, lease in list(self.leases.items()):
             if lease.expires < now:
-                self._close(now, lease, spend_reserved=True)
-                if self.starts is not None:
-                    self.starts.forget(worker)
-                del self.leases[worker]
-                self.expired += 1
+                self._end(now, worker)
+
+    def expect(self, workers: int) -> None:
+        """The driver runs ``workers`` workers from now on (the rate shares' divisor)."""
+        if self.rates is not None:
+            self.rates.expect(workers)
+
+    def _succeed(self, now: float, slot: str) -> None:
+        """A new worker in ``slot``: the worker it replaces died, its lease ends now."""
+        if slot:
+            for worker, lease in list(self.leases.items()):
+                if lease.slot == slot:
+                    self._end(now, worker)
+
+    def _end(self, now: float, worker: str) -> None:
+        """A dead worker's lease: everything back, its reserved dollars spent."""
+        self._close(now, self.leases.pop(worker), spend_reserved=True)
+        if self.rates is not None:
+            self.rates.forget(worker)
+        self.expired += 1
 
     def share(self, worker: str) -> int:
         """The permits ``worker`` may hold: the cap shared among the workers that want
@@ -321,15 +345,34 @@ class LeaseBook:
         """Whether one more permit fits under the cap beside every permit out."""
         return self.state.in_flight + self._unbacked() < self.state.cap
 
-    def _report(self, now: float, worker: str, lease: _Lease, report: Report) -> None:
+    def _limited(self) -> bool:
+        """Whether the cap holds the cluster back: all of it lent out, every permit in use
+        (workers' idle permits are no requests in flight, so they do not raise the cap)."""
+        leases = [lease for lease in self.leases.values() if lease.permits]
+        out = sum(lease.permits for lease in leases)
+        return out >= self.state.cap and all(lease.busy >= lease.permits for lease in leases)
+
+    def _in_flight(self, lease: _Lease, report: Report, *, limited: bool) -> int:
+        """What the cluster had in flight when ``report``'s request finished, for the state:
+        its cap grows on a success only while the cap held the cluster back (``limited`` as
+        the call came, this worker's permits all in use), and a 429 cuts from the requests
+        really in flight (the worker's own count then, the others' as their last calls said),
+        not from permits that sat idle or were not lent yet."""
+        cap = self.state.cap
+        out = sum(other.permits for other in self.leases.values())
+        others = sum(other.busy for other in self.leases.values() if other is not lease)
+        if report.outcome == "rate_limited":
+            return others + report.in_flight
+        if out > cap:
+            return out  # draining to a cap just cut
+        return cap if limited and report.full else min(cap - 1, others + report.in_flight)
+
+    def _report(self, now: float, lease: _Lease, report: Report, *, limited: bool) -> None:
         """Let the state learn from one finished request; the permit it used stays with the
         worker (backed again if the state allows) unless the worker gave it back."""
         self.reports += 1
-        if self.starts is not None:
-            if report.start is not None:
-                self.starts.used(now, report.start, report.actual_tokens)
-            if report.headers is not None:
-                self.starts.learn(now, report.headers, report.tokens)
+        if self.rates is not None and report.headers is not None:
+            self.rates.learn(report.headers)
         if lease.grants:
             grant = lease.grants.pop(0)
             sent = replace(grant, granted_at=now - max(0.0, report.latency_s), epoch=report.epoch)
@@ -340,12 +383,12 @@ class LeaseBook:
                 actual_tokens=report.actual_tokens,
                 headers=report.headers,
                 retry_after_s=report.retry_after_s,
+                in_flight=self._in_flight(lease, report, limited=limited),
             )
             lease.unbacked += 1  # the permit is the worker's until it is backed again
         if not report.kept:
             lease.unbacked = max(0, lease.unbacked - 1)
         self._rebalance(now, lease)
-        self._fill_pool(now)
 
     def _rebalance(self, now: float, lease: _Lease) -> None:
         """Back the worker's unbacked permits with grants, while the state allows."""
@@ -357,32 +400,12 @@ class LeaseBook:
             lease.unbacked -= 1
 
     def _take(self, now: float, *, backing: bool = False) -> Grant | None:
-        """A grant for a permit: from the pool, else new if the cap has room (``backing``:
-        for a permit already out, which needs no room of its own)."""
-        if self.pool:
-            return self.pool.pop()
+        """A grant for a permit, if the cap has room (``backing``: for a permit already out,
+        which needs no room of its own)."""
         if not backing and not self._room():
             return None
         grant = self.state.try_acquire(now, 0)
         return grant if isinstance(grant, Grant) else None
-
-    def _fill_pool(self, now: float) -> None:
-        """Hold grants for the permits workers want beyond what they hold (up to their
-        shares), so that the state sees the demand; give pool grants back when the cap fell
-        below what is out."""
-        wanted = sum(
-            max(0, min(lease.reach, self.share(name)) - lease.permits)
-            for name, lease in self.leases.items()
-        )
-        while len(self.pool) < wanted and self._room():
-            grant = self.state.try_acquire(now, 0)
-            if not isinstance(grant, Grant):
-                break
-            self.pool.append(grant)
-        while self.pool and (
-            len(self.pool) > wanted or self.state.in_flight + self._unbacked() > self.state.cap
-        ):
-            self.state.cancel(now, self.pool.pop())
 
     def _close(self, now: float, lease: _Lease, *, spend_reserved: bool) -> None:
         """Give back everything a lease holds; a dead worker's reserved dollars are spent."""

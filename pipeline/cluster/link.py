@@ -14,17 +14,15 @@ call, which the shortage makes happen at once.
 The worker calls the coordinator when one of these holds, at most every ``min_interval_s``:
 a 429 came back; it waits for permits or dollars and the last answer said some were free;
 ``batch`` outcomes are waiting; it holds more permits than its share and gave some back;
-it could use more permits than it holds (every ``HUNGRY_S``, or ``HUNGRY_SPARE_S`` when the
-coordinator said some are free: the cap grew, another worker's shard ended); or a third of the
-lease's time-to-live has passed (the lease must not expire). In steady
-state that is one call per ``batch`` requests or per ``ttl_s / 3`` seconds: far under one call
-per hundred requests at the request rates a cluster is for.
+it could use more permits (and the cap could grow, or some are free), or a larger rate share,
+than it holds (*hungry*: after ``HUNGRY_SPARE_S``, doubled after each call that brought nothing
+while no permit was free, up to ``HUNGRY_MAX_S``; at least ``HUNGRY_S``
+while none is free); or a third of the lease's time-to-live has passed (the lease must not
+expire). In steady state that is one call per ``batch`` requests or per ``ttl_s / 3`` seconds.
 
-A job with ``requests_per_minute`` or ``tokens_per_minute`` also spends one leased *start* per
-request (:mod:`pipeline.cluster.starts`): a request waits while the worker holds none, and the
-worker asks for more every ``min_interval_s`` (or when the coordinator says the window frees
-one), so such a run calls the coordinator up to ``1 / min_interval_s`` times a second per
-worker while the rate budget, not the cap, is what holds it back.
+A job with ``requests_per_minute`` or ``tokens_per_minute`` paces its requests locally at the
+share of those budgets its lease carries (:mod:`pipeline.cluster.rates`): a request waits for
+the pacer, not for the coordinator, so a rate budget adds no calls.
 """
 
 from __future__ import annotations
@@ -42,11 +40,17 @@ import anyio
 import anyio.lowlevel
 
 from pipeline.cluster.leases import TTL_S, ZERO, Progress, Report, SyncCall, SyncReply
-from pipeline.cluster.starts import StartStock
+from pipeline.cluster.rates import SharePacer
 from pipeline.money.budget import Budget, Decision
 from pipeline.provider.limiter import Limiter
-from pipeline.provider.limits import Grant, LimiterConfig, LimiterSnapshot, Outcome
-from pipeline.provider.rate_window import RateLimitHeaders
+from pipeline.provider.limits import (
+    Grant,
+    LimiterConfig,
+    LimiterSnapshot,
+    NeverFitsError,
+    Outcome,
+)
+from pipeline.provider.rate_window import RateLimitHeaders, rate_exhausted
 
 if TYPE_CHECKING:
     from pipeline.engine.accounting import Accounts
@@ -55,9 +59,12 @@ Call = Callable[[SyncCall], Awaitable[SyncReply]]
 BATCH = 256
 MIN_INTERVAL_S = 0.2
 HUNGRY_S = 2.5
-"""How often a worker that could use more permits than it holds calls..."""
+"""How often, at most, a worker that could use more permits than it holds calls while the
+coordinator's last answer said none are free..."""
 HUNGRY_SPARE_S = 1.0
-"""... and how often when the coordinator's last answer said permits were free."""
+"""... and at first otherwise (doubled after each such call that brought nothing)..."""
+HUNGRY_MAX_S = 5.0
+"""... up to this."""
 
 
 @dataclass(slots=True, eq=False)
@@ -65,7 +72,6 @@ class _Waiter:
     tokens: int = 0
     event: anyio.Event = field(default_factory=anyio.Event)
     granted: bool = False
-    start: int = 0
 
 
 class LeasedLimiter(Limiter):
@@ -167,6 +173,7 @@ class ShardLink(_Dollars):
         call: Call,
         *,
         worker: str,
+        slot: str = "",
         batch: int = BATCH,
         min_interval_s: float = MIN_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
@@ -174,6 +181,8 @@ class ShardLink(_Dollars):
         super().__init__()
         self._call = call
         self.worker = worker
+        self.slot = slot
+        """The driver's worker this is (a restarted one takes its predecessor's slot)."""
         self._batch = batch
         self._min_interval_s = min_interval_s
         self._clock = clock
@@ -197,18 +206,20 @@ class ShardLink(_Dollars):
         self._starved_wait_s = min_interval_s
         """How long a worker waiting for permits waits between calls: doubled while calls
         bring none (the cap is all out), back to ``min_interval_s`` when one does."""
+        self._hungry_wait_s = HUNGRY_SPARE_S
+        """How long a hungry worker waits between calls: doubled while they bring nothing."""
         self._ttl_s = TTL_S
         self._accounts: Accounts | None = None
         self.progress = Progress()
         self.calls = 0
-        self._starts = StartStock()
-        """Starts held (a job with a rate budget)."""
+        self._rates = SharePacer()
+        """Paces requests at the worker's share of the rate budgets (a job with one)."""
 
     # -- SharedLimits -------------------------------------------------------------------------
 
     def limiter(self, config: LimiterConfig) -> Limiter:
         self._config = config
-        self._starts.rated = bool(config.requests_per_minute or config.tokens_per_minute)
+        self._rates.configure(config)
         return LeasedLimiter(config, self)
 
     def budget_for(self, cap: Decimal) -> LeasedBudget:
@@ -218,36 +229,40 @@ class ShardLink(_Dollars):
     def bind(self, accounts: Accounts) -> None:
         self._accounts = accounts
 
+    def commit_group(self) -> int:
+        return max(1, self.held // 2)
+
     # -- permits -------------------------------------------------------------------------------
 
     async def acquire(self, tokens: int) -> Grant:
         await anyio.lowlevel.checkpoint_if_cancelled()
-        self._starts.largest = max(self._starts.largest, tokens)
-        if (
-            self.in_use < self.held
-            and not self._queue
-            and self._starts.can_start(self._clock(), tokens)
-        ):
+        tpm = self._rates.tokens_per_minute
+        if tpm is not None and tokens > tpm:
+            raise NeverFitsError(
+                f"the request needs an estimated {tokens} tokens, more than the limit of {tpm} "
+                "tokens per minute; it can never be sent"
+            )
+        now = self._clock()
+        if self.in_use < self.held and not self._queue and self._rates.ready_at(tokens) <= now:
             self.in_use += 1
-            start = self._starts.take()
+            self._rates.take(now, tokens)
         else:
             waiter = _Waiter(tokens=tokens)
             self._queue.append(waiter)
-            if self.held < max(1, self.share) or not self._starts.can_start(self._clock(), tokens):
-                self._wake()
+            if self.held < max(1, self.share) or self._rates.rated:
+                self._wake()  # a call, or the pacer's wake-up, is due
             try:
                 await waiter.event.wait()
             except BaseException:
                 if waiter.granted:
                     self.in_use -= 1
-                    self._starts.give_back(waiter.start)
+                    self._rates.give_back(self._clock(), tokens)
                     self._dispatch()
                 else:
                     self._queue.remove(waiter)
                 raise
-            start = waiter.start
         return Grant(
-            id=start or next(self._grant_ids),
+            id=next(self._grant_ids),
             tokens=tokens,
             granted_at=self._clock(),
             epoch=self.epoch,
@@ -258,17 +273,26 @@ class ShardLink(_Dollars):
         return len(self._queue)
 
     def _dispatch(self) -> None:
-        """Hand free permits to the waiting requests, first come first served."""
+        """Hand free permits to the waiting requests, first come first served, as fast as the
+        rate share lets them go."""
+        now = self._clock()
         while (
             self._queue
             and self.in_use < self.held
-            and self._starts.can_start(self._clock(), self._queue[0].tokens)
+            and self._rates.ready_at(self._queue[0].tokens) <= now
         ):
             waiter = self._queue.popleft()
             waiter.granted = True
-            waiter.start = self._starts.take()
+            self._rates.take(now, waiter.tokens)
             self.in_use += 1
             waiter.event.set()
+
+    def _paced_in(self) -> float:
+        """Seconds until the pacer lets the first waiting request go (``inf``: nothing to
+        wake for: no waiter, no free permit, or no share yet)."""
+        if not self._rates.rated or not self._queue or self.in_use >= self.held:
+            return math.inf
+        return max(0.0, self._rates.ready_at(self._queue[0].tokens) - self._clock())
 
     def release(
         self,
@@ -279,7 +303,18 @@ class ShardLink(_Dollars):
         headers: RateLimitHeaders | None = None,
         retry_after_s: float | None = None,
     ) -> None:
+        in_flight, full = self.in_use, bool(self._queue) and self.in_use >= self.held
         self.in_use -= 1
+        if self._rates.rated:
+            now = self._clock()
+            if actual_tokens is not None:
+                self._rates.settle(now, grant.tokens, actual_tokens)
+            exhausted = rate_exhausted(headers, grant.tokens)
+            if exhausted and headers is not None:
+                reset = headers.reset_requests_s or headers.reset_tokens_s or retry_after_s
+                self._rates.hold(now + (1.0 if reset is None else reset))
+            elif outcome == "rate_limited":
+                self._rates.tighten(now)
         give_back = outcome == "rate_limited" or self.held > self.share
         if give_back:
             self.held -= 1
@@ -294,7 +329,8 @@ class ShardLink(_Dollars):
                 headers=headers,
                 retry_after_s=retry_after_s,
                 kept=not give_back,
-                start=grant.id if self._starts.rated else None,
+                in_flight=in_flight,
+                full=full,
             )
         )
         if give_back:
@@ -305,36 +341,21 @@ class ShardLink(_Dollars):
         self._dispatch()
 
     def snapshot(self) -> LimiterSnapshot:
-        if self._snapshot is None:
-            assert self._config is not None
-            return LimiterSnapshot(
-                cap=0,
-                max_in_flight=self._config.max_in_flight,
-                in_flight=self.in_use,
-                waiting=self.waiting,
-                requests_last_minute=0,
-                tokens_last_minute=0,
-                requests_per_minute=self._config.requests_per_minute,
-                tokens_per_minute=self._config.tokens_per_minute,
-                rate_limited=0,
-                cuts=0,
-                cooling_until=None,
-            )
-        # The cluster's cap, what the coordinator learned; this worker's in flight.
-        return _with(self._snapshot, in_flight=self.in_use, waiting=self.waiting)
+        return _snapshot(self._snapshot, self._config, in_flight=self.in_use, waiting=self.waiting)
 
     # -- the calls --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Call the coordinator whenever it is due (until cancelled)."""
+        """Call the coordinator whenever it is due, and let paced requests go when their
+        time comes (until cancelled)."""
         while True:
+            self._dispatch()
             due = self._due_in()
             if due > 0:
-                with anyio.move_on_after(due):
+                with anyio.move_on_after(min(due, self._paced_in())):
                     await self._wake_sync.wait()
                 self._wake_sync = anyio.Event()
-                if self._due_in() > 0:
-                    continue
+                continue
             await self.sync()
 
     def _due_in(self) -> float:
@@ -345,21 +366,30 @@ class ShardLink(_Dollars):
         wants = self._urgent or len(self._reports) >= self._batch or self._need > ZERO
         if wants:
             return max(0.0, self._min_interval_s - since)
-        if (
-            self._starts.rated
-            and self._queue
-            and not self._starts.can_start(self._clock(), self._queue[0].tokens)
-        ):
-            frees = max(self._min_interval_s - since, self._starts.ready_at - self._clock())
-            return max(0.0, frees)
         starved = self.waiting > 0 and self.in_use >= self.held and self.held < max(1, self.share)
         if starved:
             return max(0.0, self._starved_wait_s - since)
-        if self.waiting > 0 and self.in_use >= self.held and self.held < self.demand():
+        permits = (
+            self.waiting > 0
+            and self.in_use >= self.held
+            and self.held < self.demand()
+            and self._may_grow()
+        )
+        rate = self.waiting > 0 and not self._rates.full
+        if permits or rate:
             # Hungry: the cluster's cap may have grown, or another worker's shard ended.
-            hungry_s = HUNGRY_SPARE_S if self.spare else HUNGRY_S
+            hungry_s = self._hungry_wait_s
+            if permits and not rate and not self.spare:
+                hungry_s = max(hungry_s, HUNGRY_S)
             return max(0.0, min(self._ttl_s / 3, hungry_s) - since)
         return self._ttl_s / 3 - since
+
+    def _may_grow(self) -> bool:
+        """Whether a call could bring more permits: some were free at the last answer, or
+        the cluster's cap is below ``max_in_flight`` (at it, with every permit lent, only
+        another worker's leaving frees one, and the next call finds that)."""
+        snapshot = self._snapshot
+        return self.spare or snapshot is None or snapshot.cap < snapshot.max_in_flight
 
     async def sync(self, *, leaving: bool = False) -> SyncReply:
         """One call: the outcomes and dollars since the last one, for new leases."""
@@ -370,22 +400,13 @@ class ShardLink(_Dollars):
         need, self._need = self._need, ZERO
         self._urgent = False
         want = 0 if leaving else self.demand()
-        if leaving:
-            self._starts.leave()
-        else:
-            self._starts.can_start(
-                self._clock(), self._starts.largest
-            )  # gives back starts too old or too small
-        returned_starts = self._starts.returned()
-        starts_wanted = 0
-        if self._starts.rated and not leaving:
-            starts_wanted = max(0, min(want, self.waiting + self.held) - len(self._starts))
         per_request = max(self._largest, need)
         call = SyncCall(
             worker=self.worker,
             call_id=f"{self.worker}/{next(self._ids)}",
             want=want,
             in_use=self.in_use,
+            waiting=self.waiting,
             reports=reports,
             spent=spent,
             settled_reserved=settled,
@@ -395,9 +416,7 @@ class ShardLink(_Dollars):
             need=need,
             leaving=leaving,
             progress=self.progress,
-            starts_wanted=starts_wanted,
-            start_tokens=self._starts.largest,
-            starts_returned=returned_starts,
+            slot=self.slot,
         )
         self._last_call = self._clock()
         given_back = self._given_back
@@ -421,6 +440,14 @@ class ShardLink(_Dollars):
             self._starved_wait_s = self._min_interval_s
         else:
             self._starved_wait_s = min(self._ttl_s / 3, self._starved_wait_s * 2)
+        before = self._rates.share
+        more_rate = reply.rates is not None and (
+            before is None or reply.rates.fraction > before.fraction
+        )
+        if held > self.held or more_rate:
+            self._hungry_wait_s = HUNGRY_SPARE_S
+        elif self.waiting and not reply.spare:  # it brought nothing: the cap is all lent
+            self._hungry_wait_s = min(HUNGRY_MAX_S, self._hungry_wait_s * 2)
         self.held = held
         self.share = reply.share
         self.epoch = reply.epoch
@@ -428,8 +455,8 @@ class ShardLink(_Dollars):
         self._snapshot = reply.snapshot
         self._ttl_s = reply.ttl_s
         self.stock += reply.dollars
-        if reply.starts is not None:
-            self._starts.add(self._clock(), reply.starts)
+        if reply.rates is not None:
+            self._rates.apply(self._clock(), reply.rates)
         if reply.exhausted:
             self.exhausted = True
         if self._accounts is not None:
@@ -440,5 +467,28 @@ class ShardLink(_Dollars):
         self._wake_sync.set()
 
 
-def _with(snapshot: LimiterSnapshot, *, in_flight: int, waiting: int) -> LimiterSnapshot:
+def _snapshot(
+    snapshot: LimiterSnapshot | None,
+    config: LimiterConfig | None,
+    *,
+    in_flight: int,
+    waiting: int,
+) -> LimiterSnapshot:
+    """The cluster's cap, what the coordinator learned (nothing before its first answer); a
+    worker's in flight."""
+    if snapshot is None:
+        assert config is not None
+        return LimiterSnapshot(
+            cap=0,
+            max_in_flight=config.max_in_flight,
+            in_flight=in_flight,
+            waiting=waiting,
+            requests_last_minute=0,
+            tokens_last_minute=0,
+            requests_per_minute=config.requests_per_minute,
+            tokens_per_minute=config.tokens_per_minute,
+            rate_limited=0,
+            cuts=0,
+            cooling_until=None,
+        )
     return replace(snapshot, in_flight=in_flight, waiting=waiting)

@@ -258,7 +258,8 @@ class Runner:
             )
             if self.options.select_rows is None:
                 output = OrderedOutput(self.options.output_waiting_rows)
-        writer = ResultWriter(self.context, stats=stats, sink=sink, output=output)
+        group = None if self.shared is None else self.shared.commit_group
+        writer = ResultWriter(self.context, stats=stats, sink=sink, output=output, group=group)
         with sink or contextlib.nullcontext():
             await self._send_all(scan, stats, writer)
             control = self.control

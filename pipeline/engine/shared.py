@@ -40,6 +40,11 @@ class SharedLimits(Protocol):
         """The run's books are open: the shared budget wakes their waiters through them."""
         ...
 
+    def commit_group(self) -> int:
+        """Results the run's writer commits together at most: half the permits this run
+        holds now (not half the job's ``max_in_flight``, which the runs share)."""
+        ...
+
 
 SHARDS = "shards"
 """The folder of a cluster run's shards, under its state root (as :mod:`pipeline.cluster.plan`,

@@ -11,6 +11,8 @@ matched to its result by request key (so a result recorded for an older prompt n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import anyio.to_thread
 import pyarrow as pa
@@ -28,11 +30,12 @@ from pipeline.state.resume import Track, Tracks
 RESULT_BATCH = 1024
 """Results committed to the journal together, at most."""
 COMMIT_WINDOW_S = 0.05
-"""A group of results is committed once it holds half the in-flight cap, or this long after
-its first result, whichever comes first: at 1,200 results/s that is about 20 hops to the worker
-thread (and fsyncs) a second instead of one per few results (that hop was the writer's largest
-cost). A result is durable at most this long (plus the fsync) after it arrives, and a crash
-leaves unanswered at most the requests in flight plus half as many."""
+"""A group of results is committed once it holds half the in-flight cap (a cluster shard's:
+half the permits its worker holds), or this long after its first result, whichever comes
+first: at 1,200 results/s that is about 20 hops to the worker thread (and fsyncs) a second
+instead of one per few results (that hop was the writer's largest cost). A result is durable
+at most this long (plus the fsync) after it arrives, and a crash leaves unanswered at most the
+requests in flight plus half as many."""
 COMMIT_TICK_S = 0.005
 """While a group fills, the writer looks for more results this often."""
 
@@ -47,8 +50,11 @@ class ResultWriter:
         stats: RunStats,
         sink: OutputWriter | None,
         output: OrderedOutput | None,
+        group: Callable[[], int] | None = None,
     ) -> None:
         self._context = context
+        self._group = group
+        """Results committed together at most (None: half the job's ``max_in_flight``)."""
         self._journal = context.journal
         self._seals = context.seals
         self._stats = stats
@@ -59,14 +65,15 @@ class ResultWriter:
     async def run(self, results: MemoryObjectReceiveStream[RowResult]) -> None:
         """Commit results as they arrive, until the workers are done."""
         output = self.output
-        group = max(1, min(RESULT_BATCH, self._context.job.limits.max_in_flight // 2))
+        half = self._context.job.limits.max_in_flight // 2
         async with results:
             while True:
                 try:
                     batch = [await results.receive()]
                 except anyio.EndOfStream:
                     break
-                await self._fill(results, batch, group)
+                group = half if self._group is None else self._group()
+                await self._fill(results, batch, max(1, min(RESULT_BATCH, group)))
                 finished = self.tracks.finish(batch)
                 await anyio.to_thread.run_sync(self._commit, batch, finished)
                 if output is not None:

@@ -416,16 +416,21 @@ class LimiterState:
         actual_tokens: int | None = None,
         headers: RateLimitHeaders | None = None,
         retry_after_s: float | None = None,
+        in_flight: int | None = None,
     ) -> None:
         """The request behind ``grant`` finished with ``outcome``; adapt to what it said.
 
         ``actual_tokens`` (the billed usage) settles the reservation; without it the estimate
         stays charged (pass 0 for a 429 that cost nothing). ``retry_after_s`` defaults to
         ``headers.retry_after_s``; a Retry-After on any outcome starts a cool-down.
+        ``in_flight`` is how many requests were really in flight when it finished (this one
+        included); by default the grants out, which they are when every grant is a request.
+        A caller whose grants may sit idle (the cluster's coordinator lends them out) passes
+        the real figure: the cap grows only when that is the cap, and a cut starts from it.
         """
         now = self._advance(now)
         self._close(grant)
-        in_flight_before = self.in_flight + 1
+        in_flight_before = self.in_flight + 1 if in_flight is None else in_flight
         if actual_tokens is not None:
             self.settle(now, grant, actual_tokens)
         if headers is not None:
@@ -436,7 +441,8 @@ class LimiterState:
             self._measure(now - grant.granted_at)
             self._on_success(grant, in_flight_before)
         elif outcome == "rate_limited":
-            self._on_rate_limited(now, grant, headers, retry_after_s)
+            level = self._cap if in_flight is None else max(1.0, min(self._cap, in_flight))
+            self._on_rate_limited(now, grant, headers, retry_after_s, level)
         elif retry_after_s is not None:
             self._cool_down(now, retry_after_s)
 
@@ -537,16 +543,17 @@ class LimiterState:
         grant: Grant,
         headers: RateLimitHeaders | None,
         retry_after_s: float | None,
+        level: float,
     ) -> None:
+        """A 429 that came with ``level`` requests in flight (the cap, or fewer)."""
         self._rate_limited += 1
         if self._rates.has_room(0):
             self._rates.tighten(now, grant.id)
         cut = grant.epoch == self._epoch and not rate_exhausted(headers, grant.tokens)
-        gentle = cut and self._cap >= GENTLE_MIN_CAP and self._near_ceiling()
+        gentle = cut and level >= GENTLE_MIN_CAP and self._near_ceiling(level)
         if cut:
-            cap = self._cap
-            self._ceiling = cap
-            self._cap = max(1.0, cap - 1.0 if gentle else cap * self.config.decrease_factor)
+            self._ceiling = level
+            self._cap = max(1.0, level - 1.0 if gentle else level * self.config.decrease_factor)
             self._epoch += 1
             self._cuts += 1
         if retry_after_s is not None:
@@ -557,11 +564,12 @@ class LimiterState:
         if cut:
             self._cut_streak += 1
 
-    def _near_ceiling(self) -> bool:
-        """Whether the cap is back where the last 429 came (within 10%, or 2 requests):
-        the provider's limit is known there, so a gentle cut suffices."""
+    def _near_ceiling(self, level: float) -> bool:
+        """Whether ``level`` (the cap, or what was in flight) is back where the last 429
+        came (within 10%, or 2 requests): the provider's limit is known there, so a gentle
+        cut suffices."""
         ceiling = self._ceiling
-        return ceiling is not None and abs(self._cap - ceiling) <= max(2.0, 0.1 * ceiling)
+        return ceiling is not None and abs(level - ceiling) <= max(2.0, 0.1 * ceiling)
 
     def _measure(self, latency_s: float) -> None:
         """Smooth the round-trip time like TCP does (weight 1/8 for each new sample)."""
