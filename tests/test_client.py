@@ -156,3 +156,51 @@ def test_api_key_never_appears_in_errors() -> None:
 
     assert "sk-secret" not in redact(attempt.error, "sk-secret-123456")  # type: ignore[attr-defined]
     assert "sk-secret" not in redact("key sk-secret-abcdef was wrong", None)
+
+
+def test_warm_opens_a_connection_and_sends_nothing(
+    local_server: Callable[..., str],
+) -> None:
+    """The connection opened ahead of the first request carries no request of its own, the
+    next request goes out normally, and an endpoint that refuses connections is left for the
+    requests to report."""
+    from pipeline.server.process import server_stats
+
+    base = local_server(latency_ms=0)
+
+    async def go(url: str) -> tuple[object, object]:
+        async with ChatClient(url, api_key=None, timeout_s=5, max_connections=4) as client:
+            await client.warm()
+            before = server_stats(base)["requests_total"]
+            attempt = await client.send(b'{"model":"deepseek/deepseek-v4-flash","messages":[]}')
+            return before, attempt
+
+    before, attempt = anyio.run(go, f"{base}/chat/completions")
+    assert before == 0
+    assert getattr(attempt, "status", None) is not None
+    assert server_stats(base)["requests_total"] == 1
+
+    async def refused() -> None:
+        async with ChatClient(
+            "http://127.0.0.1:9/v1/chat/completions", api_key=None, timeout_s=5, max_connections=4
+        ) as client:
+            await client.warm()
+
+    anyio.run(refused)  # no exception: the first request reports the refusal
+
+
+def test_a_run_process_leaves_pandas_unloaded() -> None:
+    """`pipeline run` records "no pandas" for pyarrow's probe, so the output's `pa.array()`
+    imports no pandas; an explicit `to_pandas()` still does."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, pyarrow as pa\n"
+        "from pipeline.cli.common import skip_pandas_probe\n"
+        "skip_pandas_probe()\n"
+        "pa.array(['x', None], type=pa.string()); pa.array([1, None], type=pa.int64())\n"
+        "assert 'pandas' not in sys.modules\n"
+        "assert type(pa.table({'a': [1]}).to_pandas()).__name__ == 'DataFrame'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

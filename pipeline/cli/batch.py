@@ -6,16 +6,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
-from rich.console import Console
-from rich.table import Table
 
 from pipeline.api.endpoint import loop_options
-from pipeline.batch.client import BatchClient, NotFound
-from pipeline.batch.run import BatchOptions, BatchReport, BatchRun
 from pipeline.engine.status import JobStatus
 from pipeline.errors import EXIT_INTERRUPTED, ProviderError
 from pipeline.job.spec import JobSpec
@@ -23,6 +19,12 @@ from pipeline.money.batch import batch_discount, batch_price
 from pipeline.money.pricing import cost_parts, resolve_price
 from pipeline.state.batches import BatchBook, BatchEntry
 from pipeline.state.runs import StateFolder
+
+if TYPE_CHECKING:  # the batch client (httpx) and rich load only when a batch command needs them:
+    # ``pipeline run`` of an online job asks batch_first whether batches are open, nothing more
+    from rich.console import Console
+
+    from pipeline.batch.run import BatchOptions, BatchReport
 
 INTERRUPTED = (
     "interrupted: the provider's batches keep running (nothing was cancelled). Run the same "
@@ -48,6 +50,8 @@ def batch_pass(
     quiet: bool = False,
 ) -> BatchReport:
     """Run the batch side of a job (submit, wait, collect) and print what it did."""
+    from pipeline.batch.run import BatchRun
+
     runner = BatchRun(job, api_key=api_key, options=options, notice=_echo(quiet))
     scan = runner.prepare()
     try:
@@ -109,6 +113,8 @@ def print_batches(job: JobSpec, console: Console | None = None) -> list[dict[str
     found = [_entry_dict(entry) for entry in entries]
     if not entries or console is None:
         return found
+    from rich.table import Table
+
     table = Table(title=f"{job.name}: batches", title_justify="left")
     for name in ("batch", "state", "rows", "done", "failed", "run"):
         table.add_column(name, justify="right" if name in ("rows", "done", "failed") else "left")
@@ -142,6 +148,8 @@ def _entry_dict(entry: BatchEntry) -> dict[str, Any]:
 
 def cancel_batches(job: JobSpec, *, api_key: str | None) -> tuple[int, int]:
     """Ask the provider to cancel every open batch of the job; (batches, rows)."""
+    from pipeline.batch.client import BatchClient, NotFound
+
     book = BatchBook(StateFolder(job.state_path).folder)
 
     async def cancel() -> tuple[int, int]:
@@ -189,6 +197,9 @@ def batch_first(
             raise click.UsageError("--detach and --fallback are for batch mode (--mode batch).")
         if fresh or not BatchBook(StateFolder(job.state_path).folder).open_entries():
             return False
+    from pipeline.batch.run import BatchOptions
+
+    if not batch_mode:
         click.echo("collecting the batches earlier batch runs left open first.", err=True)
         options = BatchOptions(submit=False)
     else:

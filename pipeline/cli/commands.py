@@ -19,9 +19,11 @@ from pipeline.cli.common import (
     PRICE_HELP,
     load_job_or_batch,
     load_to_read,
+    paused_gc,
     price_option,
     report_errors,
     show_notices,
+    skip_pandas_probe,
     tune_gc,
 )
 from pipeline.errors import (
@@ -159,9 +161,10 @@ def run(
     JOB_FILE is a job file (.toml), or an OpenAI Batch API input file (.jsonl) to run as it
     is: give --base-url (or --local) and optionally --output, --model, --max-in-flight.
     """
-    from pipeline.cli.display import LiveReporter, report_hint
-    from pipeline.engine.report import Reporter
-    from pipeline.engine.runner import Runner, RunOptions
+    with paused_gc():
+        from pipeline.cli.display import LiveReporter, report_hint
+        from pipeline.engine.report import Reporter
+        from pipeline.engine.runner import Runner, RunOptions
 
     if local and base_url:
         raise click.UsageError("--local and --base-url cannot be used together.")
@@ -209,6 +212,7 @@ def run(
 
         reporter = Fanout(reporter, PlainLog(log_file))
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, handle_signals=True)
+    skip_pandas_probe()
     tune_gc()
     with endpoint(job) as target:
         from pipeline.cli.batch import batch_first

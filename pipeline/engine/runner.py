@@ -37,8 +37,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
-from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.engine.accounting import Accounts
 from pipeline.engine.context import JobContext
@@ -109,6 +110,23 @@ def _pipeline_error(group: BaseExceptionGroup[BaseException]) -> PipelineError |
             if found is not None:
                 return found
     return None
+
+
+async def _hand_on(
+    work: MemoryObjectSendStream[PlannedRow], planned: PlannedRow, *, first: bool
+) -> bool:
+    """Give ``planned`` to the workers, without ``send()``'s yield first while they keep up
+    (but with its check for a cancellation); after the run's first row, yield once, so that
+    its request goes out (on the connection opened while the first batch was planned) before
+    the other workers start. False."""
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    try:
+        work.send_nowait(planned)
+    except (anyio.WouldBlock, anyio.BrokenResourceError):
+        await work.send(planned)  # waits for room, or fails as it always did
+    if first:
+        await anyio.lowlevel.checkpoint()
+    return False
 
 
 def _limiter(
@@ -312,6 +330,7 @@ class Runner:
         output = writer.output
         try:
             async with client, anyio.create_task_group() as outer:
+                outer.start_soon(client.warm)  # while the first batch is planned
                 outer.start_soon(self._tick, stats)
                 outer.start_soon(timeline.run, functools.partial(self._sample, stats))
                 if self.options.handle_signals:
@@ -363,8 +382,8 @@ class Runner:
         stats: RunStats,
         writer: ResultWriter,
         sender: RowSender,
-        work: ObjectSendStream[PlannedRow],
-        results: ObjectSendStream[RowResult],
+        work: MemoryObjectSendStream[PlannedRow],
+        results: MemoryObjectSendStream[RowResult],
     ) -> None:
         """Read the input, skip rows earlier runs finished, and hand the rest to the workers
         (a row whose request cannot be made goes straight to the writer, failed)."""
@@ -379,6 +398,7 @@ class Runner:
                 cursor = self.context.resume_cursor(
                     retry_failed=self.options.retry_failed, select_rows=self.options.select_rows
                 )
+                first = True
                 while True:
                     found = await anyio.to_thread.run_sync(cursor.next_batch, batches)
                     if found is None:
@@ -396,7 +416,7 @@ class Runner:
                         if planned.failure is not None:
                             await results.send(sender.unrenderable(planned))
                         else:
-                            await work.send(planned)
+                            first = await _hand_on(work, planned, first=first)
 
     def _sample(self, stats: RunStats) -> tuple[int, int]:
         """The in-flight cap and the requests in flight, for the run's timeline."""

@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.engine.accounting import Accounts, OverBudget, RowProgress
 from pipeline.engine.control import RunControl
@@ -96,11 +97,29 @@ class RowSender:
         self._unreachable = 0
 
     async def work(
-        self, rows: ObjectReceiveStream[PlannedRow], results: ObjectSendStream[RowResult]
+        self,
+        rows: MemoryObjectReceiveStream[PlannedRow],
+        results: MemoryObjectSendStream[RowResult],
     ) -> None:
-        """One worker: send the rows it receives, one at a time, and pass on their results."""
+        """One worker: send the rows it receives, one at a time, and pass on their results.
+
+        A row waiting in the stream is taken, and a result handed on, without the extra yield
+        to the event loop that ``receive()`` and ``send()`` make first (two task steps a row,
+        some 5% of a run's CPU at 256 in flight), but with their check for a cancellation: a
+        cancelled run starts no request."""
         async with rows, results:
-            async for planned in rows:
+            while True:
+                try:
+                    planned = rows.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        planned = await rows.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
+                else:
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 if self._control.stopping:
                     continue  # drain what was queued without sending it
                 intent = self._accounts.intent(planned)
@@ -115,7 +134,11 @@ class RowSender:
                         self._accounts.answered(intent)  # never left this machine: not billed
                 if result is None:
                     continue
-                await results.send(result)
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    results.send_nowait(result)
+                except (anyio.WouldBlock, anyio.BrokenResourceError):
+                    await results.send(result)  # waits for room, or fails as it always did
                 if result.attempts:
                     self._accounts.answered(intent)
 

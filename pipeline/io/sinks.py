@@ -182,8 +182,9 @@ class OutputWriter:
                 self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
             except OSError as exc:
                 raise self._cannot_write(exc) from None
-        try:
-            batch = batch.cast(self._schema)
+        try:  # cast only when needed: its first call imports pyarrow.compute (50-100 ms)
+            if not batch.schema.equals(self._schema):
+                batch = batch.cast(self._schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
             raise InputError(
                 self.path,

@@ -34,7 +34,6 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, Any, Literal, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, JobFileError
@@ -380,6 +379,8 @@ def _repeated(hashes: array.array[int]) -> set[int]:
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - pyarrow without numpy
+        import pyarrow.compute as pc  # 15-25 ms of start-up: only here
+
         counts = pc.value_counts(pa.array(hashes, type=pa.int64()))
         repeated = counts.filter(pc.greater(counts.field("counts"), 1))
         return set(repeated.field("values").to_pylist())

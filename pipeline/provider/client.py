@@ -12,6 +12,7 @@ The API key is sent as a header and appears in no message.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import anyio
+from yarl import URL
 
 from pipeline.money.pricing import Usage
 from pipeline.provider.retry import Failure, failure_of_status
@@ -73,7 +75,7 @@ class _AiohttpPoster:
     def __init__(
         self, url: str, headers: Mapping[str, str], timeout_s: float, max_connections: int
     ) -> None:
-        self._url = url
+        self._target = URL(url)  # parsed once, not on every request
         self._headers = dict(headers)
         self._timeout_s = timeout_s
         self._max_connections = max_connections
@@ -83,16 +85,32 @@ class _AiohttpPoster:
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
         self._session = aiohttp.ClientSession(
             connector=connector,
+            headers=self._headers,  # the session's: not merged again into every request's
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             auto_decompress=True,
         )
         return self._session
 
+    async def warm(self) -> None:
+        """Open one connection to the endpoint and leave it in the pool, sending nothing.
+
+        Run while the first input batch is read and planned, so that the first request finds
+        a connection (and, over HTTPS, its TLS handshake) ready instead of waiting behind the
+        connections of all the others. Any failure is left to the requests to report."""
+        session = self._session or self._open()
+        connector = session.connector
+        if connector is None:  # pragma: no cover - the session made here always has one
+            return
+        try:
+            request = aiohttp.ClientRequest("POST", self._target, loop=asyncio.get_running_loop())
+            connection = await connector.connect(request, [], session.timeout)
+        except Exception:  # the first request reports whatever is wrong
+            return
+        connection.release()
+
     async def post(self, body: bytes) -> tuple[int, RawHeaders, bytes]:
         session = self._session or self._open()
-        async with session.post(
-            self._url, data=body, headers=self._headers, allow_redirects=False
-        ) as response:
+        async with session.post(self._target, data=body, allow_redirects=False) as response:
             raw = await response.read()
             return response.status, response.raw_headers, raw
 
@@ -135,6 +153,9 @@ class _TransportPoster:
                 await response.aclose()
         return response.status_code, response.headers.raw, raw
 
+    async def warm(self) -> None:
+        """Nothing to open ahead with a transport of one's own."""
+
     async def aclose(self) -> None:
         await self._transport.aclose()
 
@@ -170,6 +191,10 @@ class ChatClient:
 
     async def aclose(self) -> None:
         await self._poster.aclose()
+
+    async def warm(self) -> None:
+        """Open a connection ahead of the first request (see :meth:`_AiohttpPoster.warm`)."""
+        await self._poster.warm()
 
     async def send(self, body: bytes) -> Attempt:
         """POST ``body``; never raises for anything the network or the server does."""
