@@ -104,12 +104,9 @@ class _Log:
         self._requests = array("b")
         self._tokens = array("q")
 
-    def __len__(self) -> int:
-        return len(self._expires) - self._head
-
     def append(self, grant_id: int, expires_at: float, tokens: int) -> None:
-        if not self:
-            self._reset(grant_id)
+        if not self._expires:  # empty: nothing yet, or everything left and was cut off
+            self._first = grant_id
         index = grant_id - self._first
         if index < len(self._expires):
             raise ValueError(f"grant {grant_id} is not newer than every grant in the log")
@@ -172,13 +169,6 @@ class _Log:
             if freed >= excess:
                 return self._expires[index]
         return math.inf
-
-    def _reset(self, grant_id: int) -> None:
-        self._expires = array("d")
-        self._requests = array("b")
-        self._tokens = array("q")
-        self._first = grant_id
-        self._head = 0
 
 
 class _Pacer:
