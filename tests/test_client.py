@@ -189,6 +189,52 @@ def test_warm_opens_a_connection_and_sends_nothing(
     anyio.run(refused)  # no exception: the first request reports the refusal
 
 
+def test_before_send_runs_right_before_the_write_and_only_then(
+    local_server: Callable[..., str],
+) -> None:
+    """``before_send`` (where the engine records a row's intent) runs once per request that
+    is written, and before the write: when it raises, the error comes out of ``send`` (not as
+    a network failure) and the server never sees the request; a request that cannot connect
+    never calls it."""
+    from pipeline.server.process import server_stats
+
+    base = local_server(latency_ms=0)
+    body = b'{"model":"deepseek/deepseek-v4-flash","messages":[{"role":"user","content":"hi"}]}'
+    calls: list[int] = []
+
+    def note() -> None:
+        calls.append(server_stats(base)["requests_total"])  # what the server had seen then
+
+    def broken() -> None:
+        raise OSError(28, "No space left on device")
+
+    async def go(url: str) -> tuple[object, BaseException | None]:
+        async with ChatClient(url, api_key=None, timeout_s=5, max_connections=4) as client:
+            attempt = await client.send(body, before_send=note)
+            try:
+                await client.send(body, before_send=broken)
+            except OSError as exc:
+                return attempt, exc
+            return attempt, None
+
+    attempt, error = anyio.run(go, f"{base}/chat/completions")
+    assert getattr(attempt, "status", None) == 200
+    assert calls == [0]  # called once, before the server had the request
+    assert isinstance(error, OSError)
+    assert error.errno == 28
+    assert server_stats(base)["requests_total"] == 1  # the second request was never written
+
+    async def refused() -> object:
+        async with ChatClient(
+            "http://127.0.0.1:9/v1/chat/completions", api_key=None, timeout_s=5, max_connections=4
+        ) as client:
+            return await client.send(body, before_send=note)
+
+    failed = anyio.run(refused)
+    assert getattr(failed, "reached", None) is False
+    assert calls == [0]  # never connected: nothing was written, nothing recorded
+
+
 def test_a_run_process_leaves_pandas_unloaded() -> None:
     """`pipeline run` records "no pandas" for pyarrow's probe, so the output's `pa.array()`
     imports no pandas; an explicit `to_pandas()` still does."""

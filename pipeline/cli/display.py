@@ -5,14 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from decimal import Decimal
-from typing import TextIO
-
-from rich.console import Console, Group
-from rich.live import Live
-from rich.markup import escape
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, TextIO
 
 from pipeline.engine.report import Reporter, RunReport
 from pipeline.engine.stats import Snapshot
@@ -22,7 +15,13 @@ from pipeline.io.sources import InputScan
 from pipeline.job.spec import JobSpec
 from pipeline.money.pricing import CostParts
 
+if TYPE_CHECKING:  # rich is loaded once the first requests are out (~25 ms of start-up)
+    from rich.console import Console, Group
+    from rich.live import Live
+
 LOG_EVERY_S = 10.0
+HEADER_WAIT_S = 0.5
+"""The header waits for the first request, at most this long."""
 
 
 def by_kind(parts: CostParts) -> str:
@@ -81,6 +80,10 @@ class LiveReporter(Reporter):
 
     ``verbose`` also prints every retry, re-ask and failure with its row; ``quiet`` prints
     only notices (a stop, requests left unanswered) and the errors the command reports.
+
+    Nothing is printed before the run's first requests are out: the header :meth:`start`
+    makes waits for the first update after them (or anything else printed), so loading rich
+    (~25 ms) does not delay the first request.
     """
 
     def __init__(
@@ -94,15 +97,32 @@ class LiveReporter(Reporter):
         self.stream = stream or sys.stderr
         self.verbose = verbose and not quiet
         self.quiet = quiet
-        probe = Console(file=self.stream)
-        self.live_mode = probe.is_terminal if live is None else live
-        # Log lines are never wrapped when the output is not a terminal.
-        width = None if probe.is_terminal else 200
-        self.console = Console(file=self.stream, highlight=False, width=width, quiet=quiet)
+        self._live_wanted = live
+        self._console: Console | None = None
+        self.live_mode = False
+        """Whether the output is a live display (known once the console is made)."""
         self._live: Live | None = None
         self._last_log = time.monotonic()
         self._job = ""
         self._price_known = True
+        self._header: list[tuple[str, str | None]] = []
+        """What :meth:`start` prints (after the job's name), each line with its style."""
+        self._started_at: float | None = None
+
+    @property
+    def console(self) -> Console:
+        """The console (made on first use: rich is imported then)."""
+        if self._console is None:
+            from rich.console import Console
+
+            probe = Console(file=self.stream)
+            self.live_mode = probe.is_terminal if self._live_wanted is None else self._live_wanted
+            # Log lines are never wrapped when the output is not a terminal.
+            width = None if probe.is_terminal else 200
+            self._console = Console(
+                file=self.stream, highlight=False, width=width, quiet=self.quiet
+            )
+        return self._console
 
     def start(self, job: JobSpec, scan: InputScan) -> None:
         from pipeline.money.pricing import resolve_price
@@ -112,26 +132,49 @@ class LiveReporter(Reporter):
             resolve_price(job.request.base_url, job.request.model, job.pricing) is not None
         )
         files = len(scan.files)
-        name, url, model = (
-            escape(text) for text in (job.name, job.request.base_url, job.request.model)
-        )
-        self.console.print(
-            f"[bold]{name}[/bold]: {scan.rows:,} rows from {files} file"
-            f"{'s' if files != 1 else ''} -> {url} ({model}), up to "
-            f"{job.limits.max_in_flight} in flight"
-        )
-        if not self._price_known:
-            self.console.print(
-                f"No price is known for {job.request.model} at {job.request.base_url}: costs "
-                "will show as unknown. Add a [pricing] table to the job to track spend.",
-                style="yellow",
-                markup=False,
+        self._header = [
+            (
+                f": {scan.rows:,} rows from {files} file{'s' if files != 1 else ''} -> "
+                f"{job.request.base_url} ({job.request.model}), up to "
+                f"{job.limits.max_in_flight} in flight",
+                None,
             )
+        ]
+        if not self._price_known:
+            self._header.append(
+                (
+                    f"No price is known for {job.request.model} at {job.request.base_url}: "
+                    "costs will show as unknown. Add a [pricing] table to the job to track "
+                    "spend.",
+                    "yellow",
+                )
+            )
+        self._started_at = time.monotonic()
+
+    def _show_header(self) -> None:
+        """Print the header :meth:`start` made, then start the live display (on a terminal)."""
+        if self._started_at is None:
+            return
+        self._started_at = None
+        from rich.text import Text
+
+        console = self.console
+        (first, _), *rest = self._header
+        console.print(Text.assemble((self._job, "bold"), first))
+        for text, style in rest:
+            console.print(text, style=style, markup=False)
         if self.live_mode and not self.quiet:
-            self._live = Live(console=self.console, refresh_per_second=4, transient=True)
+            from rich.live import Live
+
+            self._live = Live(console=console, refresh_per_second=4, transient=True)
             self._live.start()
 
     def _render(self, s: Snapshot) -> Group:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
         total = max(s.total_rows, 1)
         bar = ProgressBar(total=total, completed=s.done, width=40)
         head = Text(f"{s.done:,}/{s.total_rows:,} rows ({100 * s.done / total:.1f}%)  ")
@@ -140,6 +183,10 @@ class LiveReporter(Reporter):
         return Group(line, Text(figures(s, price_known=self._price_known), style="dim"))
 
     def update(self, snapshot: Snapshot) -> None:
+        if self._started_at is not None:
+            if not snapshot.requests and time.monotonic() - self._started_at < HEADER_WAIT_S:
+                return  # the first requests are not out yet
+            self._show_header()
         if self._live is not None:
             self._live.update(self._render(snapshot))
             return
@@ -156,17 +203,22 @@ class LiveReporter(Reporter):
         )
 
     def notice(self, message: str) -> None:
+        self._show_header()
         console = self._live.console if self._live is not None else self.console
         if self.quiet:
+            from rich.console import Console
+
             console = Console(file=self.stream, highlight=False)
         console.print(message, style="yellow", markup=False)
 
     def event(self, message: str) -> None:
         if self.verbose:
+            self._show_header()
             console = self._live.console if self._live is not None else self.console
             console.print(message, style="dim", markup=False)
 
     def finish(self, report: RunReport) -> None:
+        self._show_header()
         self.close()
         print_summary(self.console, report)
 
@@ -177,6 +229,8 @@ class LiveReporter(Reporter):
 
 
 def print_summary(console: Console, report: RunReport) -> None:
+    from rich.table import Table
+
     s = report.final
     table = Table(title=f"{report.job}: summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -248,6 +302,9 @@ def _when(timestamp: float | None) -> str:
 
 def print_status(status: JobStatus, console: Console | None = None) -> None:
     """``pipeline status`` for a person."""
+    from rich.console import Console
+    from rich.table import Table
+
     console = console or Console(highlight=False)
     table = Table(title=f"{status.job}: status", show_header=False, title_justify="left")
     table.add_column(style="bold")

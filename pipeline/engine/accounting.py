@@ -7,9 +7,10 @@ grant from the limiter (an in-flight slot, and its tokens from a tokens/min budg
 in effect when it was sent; the run's figures count it; the budget's reservation is replaced by
 what was spent; the limiter learns how it went (429, headers, tokens used); and the run's
 :class:`~pipeline.state.timeline.Timeline`, when it has one, records when the attempt went out,
-how long it took and how it ended. Between the two, :meth:`Accounts.sent` records the row's
-intent before its first request goes out, so a crash can never lose a request that may be
-billed, and counts it as unanswered until its result is recorded.
+how long it took and how it ended. Between the two, :meth:`Accounts.record` records the row's
+intent right before its first request is written to a connection (the client calls it in the
+same step as the write), so a crash can never lose a request that may be billed, nor report
+one that never left; it counts as unanswered until its result is recorded.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class RowProgress:
     """Some attempt reached a server (a row none of whose attempts did was never billed)."""
     sending: bool = False
     """An attempt is on its way now (whether it reached a server is not known yet)."""
+    recorded: bool = False
+    """The row's intent is recorded: one of its requests was written to a connection."""
 
     def bill(self, usage: Usage, parts: CostParts | None) -> Decimal | None:
         """Count one billed answer costing ``parts``; returns its cost (None when the price
@@ -201,14 +204,19 @@ class Accounts:
         at = 0.0 if self._timeline is None else self._timeline.now()
         return Ticket(worst=worst, tokens=tokens, grant=grant, price=price, at=at)
 
-    def sent(self, intent: Intent | None) -> None:
-        """A request goes out now; ``intent`` is given for a row's first request only, and
-        is recorded before it goes. Call :meth:`returned` when the request is back."""
-        if intent is not None:
-            self._intents.record(intent)
-            self._count_unanswered(intent, +1)
+    def sending(self) -> None:
+        """A request is on its way out. Call :meth:`returned` when it is back."""
         self._stats.requests += 1
         self._stats.in_flight += 1
+
+    def record(self, intent: Intent, row: RowProgress) -> None:
+        """The row's request is written to the connection right after this (the client calls
+        it then): its intent is recorded first, once per row."""
+        if row.recorded:
+            return
+        self._intents.record(intent)
+        row.recorded = True
+        self._count_unanswered(intent, +1)
 
     def returned(self) -> None:
         """The request of :meth:`sent` is back (answered, failed or cut off)."""

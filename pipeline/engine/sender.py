@@ -1,11 +1,12 @@
 """Sending one row until it has its result: reserve, acquire, send, settle, judge, retry.
 
 Each attempt is opened and settled in the run's books (:class:`~pipeline.engine.accounting.
-Accounts`: budget, limiter, billing, figures); the first one records the row's intent before
-it goes out. An answer is judged (:func:`pipeline.rows.verdict.judge`): good, failed for good,
-or asked again with the reason (a structured answer that broke its schema). A failed attempt
-is retried or given up by the retry policy (:func:`pipeline.provider.retry.decide`). A 401/403
-aborts the job, as does an endpoint that refuses every connection before ever answering.
+Accounts`: budget, limiter, billing, figures); the first one written to a connection records
+the row's intent right before the write. An answer is judged
+(:func:`pipeline.rows.verdict.judge`): good, failed for good, or asked again with the reason
+(a structured answer that broke its schema). A failed attempt is retried or given up by the
+retry policy (:func:`pipeline.provider.retry.decide`). A 401/403 aborts the job, as does an
+endpoint that refuses every connection before ever answering.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class RowSender:
                 try:
                     result = await self.send_row(planned, intent, row)
                 finally:  # also when a stop cancels the row
-                    if result is None and row.attempts and not (row.reached or row.sending):
+                    if result is None and row.recorded and not (row.reached or row.sending):
                         self._accounts.answered(intent)  # never left this machine: not billed
                 if result is None:
                     continue
@@ -139,7 +140,7 @@ class RowSender:
                     results.send_nowait(result)
                 except (anyio.WouldBlock, anyio.BrokenResourceError):
                     await results.send(result)  # waits for room, or fails as it always did
-                if result.attempts:
+                if row.recorded:
                     self._accounts.answered(intent)
 
     def unrenderable(self, planned: PlannedRow) -> RowResult:
@@ -163,7 +164,7 @@ class RowSender:
         started = self._clock()
         while True:
             try:
-                attempt = await self._attempt(row, intent if row.attempts == 0 else None)
+                attempt = await self._attempt(row, intent)
             except NeverFitsError as exc:
                 self._event(f"{planned.describe()}: not sent: {exc.reason}")
                 return self._finish(planned, row, None, error=f"not sent: {exc.reason}")
@@ -208,16 +209,18 @@ class RowSender:
             if self._control.stopping:
                 return self._abandon(planned, row)
 
-    async def _attempt(self, row: RowProgress, intent: Intent | None) -> Attempt:
-        """One attempt: opened in the books (budget, then limiter), its intent recorded
-        (given on the first attempt only), sent, and settled in the books."""
+    async def _attempt(self, row: RowProgress, intent: Intent) -> Attempt:
+        """One attempt: opened in the books (budget, then limiter), sent (the row's intent
+        recorded right before its first request is written), and settled in the books."""
         ticket = await self._accounts.open(row)
         attempt: Attempt | None = None
         try:
-            self._accounts.sent(intent)
+            self._accounts.sending()
             row.sending = True  # stays set if the attempt is cut off: it may have reached
             try:
-                attempt = await self._client.send(row.body)
+                attempt = await self._client.send(
+                    row.body, before_send=lambda: self._accounts.record(intent, row)
+                )
             finally:
                 self._accounts.returned()
             row.sending = False

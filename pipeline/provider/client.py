@@ -8,6 +8,13 @@ or one of your own) it sends through that instead, with the same classification 
 Every third-party error is translated here into an :class:`Attempt` with a
 :class:`~pipeline.provider.retry.Failure` kind, so no httpx or aiohttp exception leaves this module.
 The API key is sent as a header and appears in no message.
+
+``send(body, before_send=...)`` calls ``before_send`` at the last moment before the request's
+bytes are handed to the socket, in the same step as that write (the engine records the row's
+intent there, so a ``kill -9`` cannot fall between the record and the write: every request
+the next run reports as unanswered was written to the connection). A request that fails
+before that moment (no connection) never calls it. What ``before_send`` raises is raised by
+:meth:`ChatClient.send` (it is not a network failure).
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
 import anyio
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import BytesPayload
 from yarl import URL
 
 from pipeline.money.pricing import Usage
@@ -60,6 +69,36 @@ class Attempt:
 
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
+BeforeSend = Callable[[], None]
+
+
+class BeforeSendFailed(Exception):
+    """``before_send`` raised: the request was not written; ``error`` is what it raised."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _CalledBody(BytesPayload):
+    """A request body that calls ``before`` right before its bytes (and the headers, which
+    aiohttp writes together with the first chunk) go to the socket: no event-loop step
+    lies between the call and the write."""
+
+    def __init__(self, body: bytes, before: BeforeSend) -> None:
+        super().__init__(body, content_type="application/json")
+        self._before = before
+        self.failed: BaseException | None = None
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        try:
+            self._before()
+        except BaseException as exc:  # raised again by ChatClient.send, not as a network error
+            self.failed = exc
+            raise
+        await super().write_with_length(writer, content_length)
 
 
 class _AiohttpPoster:
@@ -108,11 +147,19 @@ class _AiohttpPoster:
             return
         connection.release()
 
-    async def post(self, body: bytes) -> tuple[int, RawHeaders, bytes]:
+    async def post(
+        self, body: bytes, before_send: BeforeSend | None
+    ) -> tuple[int, RawHeaders, bytes]:
         session = self._session or self._open()
-        async with session.post(self._target, data=body, allow_redirects=False) as response:
-            raw = await response.read()
-            return response.status, response.raw_headers, raw
+        data = body if before_send is None else _CalledBody(body, before_send)
+        try:
+            async with session.post(self._target, data=data, allow_redirects=False) as response:
+                raw = await response.read()
+                return response.status, response.raw_headers, raw
+        except BaseException:
+            if isinstance(data, _CalledBody) and data.failed is not None:
+                raise BeforeSendFailed(data.failed) from None
+            raise
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -139,9 +186,16 @@ class _TransportPoster:
         }
         self._transport = transport
 
-    async def post(self, body: bytes) -> tuple[int, RawHeaders, bytes]:
+    async def post(
+        self, body: bytes, before_send: BeforeSend | None
+    ) -> tuple[int, RawHeaders, bytes]:
         import httpx
 
+        if before_send is not None:
+            try:
+                before_send()
+            except BaseException as exc:
+                raise BeforeSendFailed(exc) from None
         with anyio.fail_after(self._timeout_s):
             request = httpx.Request(
                 "POST", self._url, headers=self._headers, content=body, extensions=self._extensions
@@ -196,11 +250,14 @@ class ChatClient:
         """Open a connection ahead of the first request (see :meth:`_AiohttpPoster.warm`)."""
         await self._poster.warm()
 
-    async def send(self, body: bytes) -> Attempt:
-        """POST ``body``; never raises for anything the network or the server does."""
+    async def send(self, body: bytes, *, before_send: BeforeSend | None = None) -> Attempt:
+        """POST ``body``; never raises for anything the network or the server does.
+        ``before_send`` is called right before the bytes are written (see the module)."""
         started = time.monotonic()
         try:
-            status, headers, raw = await self._poster.post(body)
+            status, headers, raw = await self._poster.post(body, before_send)
+        except BeforeSendFailed as failed:
+            raise failed.error from None
         except TimeoutError:
             return _failed(Failure.TIMEOUT, f"no answer within {self._timeout_s:g} s", started)
         except Exception as exc:  # the seam: nothing from below may escape

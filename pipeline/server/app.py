@@ -45,7 +45,9 @@ Endpoints
     for a model not served);
     ``in_flight`` and ``max_in_flight_seen``; ``distinct_requests`` (distinct request bodies,
     byte for byte), ``max_sends_per_request`` (most times one identical body was received) and
-    ``sends_histogram`` (times received -> number of bodies); ``prompt_tokens_total``,
+    ``sends_histogram`` (times received -> number of bodies); ``unread_bodies`` (requests whose
+    client went away before their body was read: they count in ``requests_total`` only);
+    ``prompt_tokens_total``,
     ``completion_tokens_total``, ``reasoning_tokens_total`` and ``cache_hit_tokens_total`` over
     the replies sent; ``files_uploaded``, ``file_downloads``, ``files_deleted``,
     ``batches_created``, ``batches_cancelled`` and ``batch_requests`` (lines answered) of the
@@ -272,6 +274,7 @@ class _Completions:
             return
         body = await read_body(receive)
         if body is None:
+            stats.unread_bodies += 1
             return
         digest = body_digest(body, self.options.seed)
         stats.record_send(digest[:8])

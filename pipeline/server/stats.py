@@ -36,6 +36,7 @@ class ServerStats:
         self.sends: dict[bytes, int] = {}
         self.histogram: Counter[int] = Counter()
         self.max_sends = 0
+        self.unread_bodies = 0
         self.usage: Counter[str] = Counter()
         self.first_request_at: float | None = None
         """``time.monotonic()`` when the first request came (the clock every process on the
@@ -127,6 +128,7 @@ class ServerStats:
             "distinct_requests": len(self.sends),
             "max_sends_per_request": self.max_sends,
             "sends_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
+            "unread_bodies": self.unread_bodies,
             **{key: self.usage[key] for key in usage_keys},
             "first_request_at": self.first_request_at,
             "per_second": self.series(),
