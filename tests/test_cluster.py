@@ -182,13 +182,11 @@ def test_a_hidden_cap_is_found_once_for_the_whole_cluster(
     # The coordinator learns from the requests really in flight (not from permits lent or
     # idle), so its ceiling is the server's 40 and it probes it as one machine does.
     assert share_429 < 0.02
-    assert used >= UTILISATION_FLOOR
-
-
-UTILISATION_FLOOR = 0.75
-"""What test 2 asserts: the issue's target is 0.85; this loaded 2-core machine measured
-89.3% at 300 ms (bench/ray_throughput.py --scenario hidden), so the test asserts a looser
-floor; the figure it measured is printed."""
+    assert used >= 0.85  # measured 91.0-94.4% (the cap grows while the cluster uses it)
+    # The issue's 0.01 calls per request holds here too (0.0097-0.0099 measured: 4 first
+    # calls and 4 leaving calls weigh on 3,600 requests, with a slow start and a cut); the
+    # test allows a little more, as a loaded machine calls a little more (per-time calls).
+    assert report.calls / report.requests <= 0.012
 
 
 def steady_utilisation(

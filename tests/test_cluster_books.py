@@ -3,6 +3,7 @@ without Ray installed; the runs on a Ray cluster are in tests/test_cluster.py.""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,7 +16,8 @@ from click.testing import CliRunner
 
 from pipeline.cli.commands import cli
 from pipeline.cluster import plan as cluster_plan
-from pipeline.cluster.leases import LeaseBook, Report, SyncCall
+from pipeline.cluster.leases import LeaseBook, Report, SyncCall, SyncReply
+from pipeline.cluster.link import ShardLink, _Waiter
 from pipeline.cluster.plan import plan_shards
 from pipeline.cluster.rates import SharePacer
 from pipeline.engine import shared
@@ -176,7 +178,7 @@ def test_workers_pacing_at_their_rate_shares_keep_the_cluster_within_its_budgets
 def test_a_restarted_worker_ends_its_predecessors_lease_at_once() -> None:
     book = LeaseBook(LimiterConfig(max_in_flight=8, initial_in_flight=8, requests_per_minute=60))
     first = book.sync(0.0, SyncCall(worker="w0:1", call_id="1", want=8, in_use=0, slot="w0"))
-    assert first.permits == 4
+    assert first.permits == 8  # a new lease takes its share of the cap at once
     assert first.rates is not None
     assert first.rates.fraction == 1.0
     again = book.sync(1.0, SyncCall(worker="w0:2", call_id="1", want=8, in_use=0, slot="w0"))
@@ -246,6 +248,9 @@ def _lease_up(book: LeaseBook, worker: str, permits: int) -> None:
             return
         call = SyncCall(worker=worker, call_id=f"up{n}", want=permits, in_use=held, waiting=1)
         book.sync(0.0, call)
+        if book.leases[worker].permits >= permits:  # ... and it uses every one of them
+            book.sync(0.0, replace(call, call_id=f"use{n}", in_use=permits))
+            return
     raise AssertionError(f"{worker} never got {permits} permits")
 
 
@@ -262,8 +267,10 @@ def test_the_coordinator_learns_from_the_requests_really_in_flight() -> None:
     book = LeaseBook(config)
     _lease_up(book, "a", 16)
     busy = replace(ok, full=True)
-    book.sync(0.1, replace(idle, waiting=4, reports=(busy,) * 16))
-    assert book.state.cap == 32  # slow start: every permit in use, the cap doubles
+    book.sync(0.1, replace(idle, want=256, waiting=240, reports=(busy,) * 16))
+    # Slow start: every permit in use, the cap grows, but a call's outcomes take it no more
+    # than the slack (a quarter of it, at least 4) above the 16 permits lent.
+    assert 20 <= book.state.cap <= 16 + book.slack(0.1) < 32
     # The cap stands at 48 (known ceiling 44), but the workers had 41 in flight at the 429:
     # the ceiling is 41, and the cut (gentle: near the known ceiling) goes to 40.
     book = LeaseBook(replace(config, initial_in_flight=48, known_ceiling=44))
@@ -273,3 +280,106 @@ def test_the_coordinator_learns_from_the_requests_really_in_flight() -> None:
     book.sync(0.2, SyncCall(worker="a", call_id="429", want=24, in_use=16, reports=(limited,)))
     assert book.state.snapshot(0.2).ceiling == 41
     assert book.state.cap == 40
+
+
+def test_the_cap_grows_back_while_the_cluster_uses_what_it_has() -> None:
+    """Below the ceiling of the last cut the cap climbs back while the workers want more than
+    it, not only once every permit is lent (the rest reaches them at their next calls); it
+    does not grow while they want less. At the ceiling it grows only while nearly all of it is
+    lent (a call's outcomes must not take it far past the provider's limit untested)."""
+
+    def cap_after(start: int, want: int, held: int) -> int:
+        config = LimiterConfig(max_in_flight=256, initial_in_flight=start, known_ceiling=41)
+        full = Report(outcome="ok", epoch=0, latency_s=0.25, tokens=0, in_flight=held, full=True)
+        book = LeaseBook(config)
+        for worker in ("a", "b"):
+            _lease_up(book, worker, held)
+        call = SyncCall(
+            worker="a", call_id="r", want=want, in_use=held, waiting=1, reports=(full,) * 400
+        )
+        book.sync(0.3, call)
+        return book.state.cap
+
+    assert cap_after(20, want=256, held=8) >= 30  # 16 of 20 lent, all in use: back up fast
+    assert cap_after(20, want=8, held=8) == 20  # the workers want 16: the cap held nothing back
+    assert cap_after(40, want=256, held=16) == 40  # at the ceiling, 32 of 40 lent: no probe
+    assert cap_after(40, want=256, held=20) == 41  # all 40 lent and in use: it probes
+
+
+def test_a_429_cuts_from_the_requests_in_use_not_from_permits_just_lent() -> None:
+    """Permits lent with another worker's last answer may not be in use yet (in slow start
+    every worker's lease grows at its call): a 429 then says the provider's limit is what the
+    workers had in use, not what they held."""
+    config = LimiterConfig(max_in_flight=256, initial_in_flight=64)
+    book = LeaseBook(config)
+    _lease_up(book, "a", 16)
+    _lease_up(book, "b", 16)
+    # b's call lends it 16 more; none of them in use yet when a's request meets a 429.
+    book.sync(0.1, SyncCall(worker="b", call_id="more", want=64, in_use=16, waiting=48))
+    assert book.leases["b"].permits == 32
+    limited = Report(outcome="rate_limited", epoch=0, latency_s=0, tokens=0, in_flight=16)
+    book.sync(0.2, SyncCall(worker="a", call_id="429", want=64, in_use=15, reports=(limited,)))
+    assert book.state.snapshot(0.2).ceiling == 32  # 16 + 16 in use, not 16 + 32 held
+
+
+class _Coordinator:
+    """A LeaseBook behind an async call, counting the calls (time from a fake clock)."""
+
+    def __init__(self, book: LeaseBook, clock: Callable[[], float]) -> None:
+        self.book, self.clock, self.calls = book, clock, 0
+
+    async def __call__(self, call: SyncCall) -> SyncReply:
+        self.calls += 1
+        return self.book.sync(self.clock(), call)
+
+
+def test_a_worker_keeps_its_lease_from_shard_to_shard_and_calls_per_requests() -> None:
+    """One link for a worker's life: a shard's start and end cost no call, the permits carry
+    over; a worker that could use more permits while the cap climbs calls only after a few
+    round trips of its own requests; it gives its lease back when it leaves."""
+    import anyio
+
+    now = [0.0]
+    coordinator = _Coordinator(
+        LeaseBook(LimiterConfig(max_in_flight=256, initial_in_flight=8, known_ceiling=40)),
+        lambda: now[0],
+    )
+    link = ShardLink(coordinator, worker="w0:1", slot="w0", clock=lambda: now[0])
+    config = LimiterConfig(max_in_flight=256)
+
+    async def shard(last: bool, requests: int) -> None:
+        link.begin_shard(last=last)
+        link.limiter(config)
+        if link.stale:
+            await link.sync()
+        grants = [await link.acquire(0) for _ in range(min(requests, link.held))]
+        for n in range(requests):
+            now[0] += 0.01
+            link.release(grants.pop(0), outcome="ok")
+            if n + len(grants) + 1 < requests:
+                grants.append(await link.acquire(0))
+
+    anyio.run(shard, False, 100)
+    assert coordinator.calls == 1  # the lease's first call only: no call at the shard's end
+    held = link.held
+    assert held == 8
+    anyio.run(shard, False, 100)
+    assert coordinator.calls == 1  # ... nor at the next shard's start: the permits carried over
+    assert link.held == held
+    assert link.demand() == 256  # a shard follows: it keeps its permits to its end
+
+    # Hungry (it could use more permits, the cap climbs to the ceiling): no call before a few
+    # round trips of its own requests finished, however long it waits.
+    link._queue.append(_Waiter())
+    link._reports = link._reports[:3]
+    link.in_use = link.share = link.held  # every permit in use, its whole share held
+    link.spare = False
+    now[0] += 30.0
+    link._last_call = now[0] - 5.0
+    assert link._due_in() > 0
+    link._reports = link._reports * 16  # 48 reports: a hungry call is due
+    assert link._due_in() == 0
+    link._queue.clear()
+    link.in_use = 0
+    anyio.run(functools.partial(link.sync, leaving=True))
+    assert coordinator.book.leases == {}  # it left: its lease went back

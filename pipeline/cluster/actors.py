@@ -7,9 +7,13 @@ Both are plain classes here, made actors by :mod:`pipeline.cluster.driver` with
   behind the cluster's limiter and budget; its clock is its own process's monotonic clock.
 - :class:`ShardWorker` (``workers`` of them, restarted when their process dies): runs one shard
   at a time with this project's engine, the shard's limiter and budget leased from the
-  coordinator through a :class:`~pipeline.cluster.link.ShardLink`. When its process dies
-  mid-shard, Ray restarts it and retries the shard, which resumes from its journal: the
-  requests it had in flight are reported as unanswered and sent again, as on one machine.
+  coordinator through the worker's :class:`~pipeline.cluster.link.ShardLink`: one link, and
+  one lease, for the worker process's life, carried from shard to shard (a shard's start and
+  end cost no call); the worker gives its lease back when the driver says no shard is left
+  for it (:meth:`ShardWorker.leave`), or at the end of a shard the driver marked its last.
+  When its process dies mid-shard, Ray restarts it and retries the shard, which resumes from
+  its journal: the requests it had in flight are reported as unanswered and sent again, as on
+  one machine; the restarted worker's first call ends its predecessor's lease.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class ShardTask:
     job: JobSpec
     retry_failed: bool = False
     fresh: bool = False
+    last: bool = True
+    """No shard was left to hand out when this one was: the worker gives its lease back at
+    its end (near the end, it leaves permits to the others)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,7 +92,8 @@ class ShardResult:
     over_budget: bool
     interrupted: bool
     calls: int
-    """Calls to the coordinator."""
+    """Calls to the coordinator while the shard ran (its end's, when it was the worker's
+    last)."""
     elapsed_s: float = 0.0
 
     @property
@@ -120,6 +128,11 @@ class ShardWorker:
 
         self.index = index
         self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+        self.worker = f"w{index}:{os.getpid()}"
+        self.link: ShardLink | None = None
+        """Made by the first shard (in the thread that runs shards, not in Ray's)."""
+        self.leased = False
+        """The link holds a lease (it called, and has not left since)."""
 
     def pid(self) -> int:
         return os.getpid()
@@ -127,8 +140,13 @@ class ShardWorker:
     def run_shard(self, task: ShardTask) -> ShardResult:
         from pipeline.engine.runner import Runner, RunOptions
 
-        worker = f"w{self.index}:{os.getpid()}"
-        link = ShardLink(_caller(self.coordinator), worker=worker, slot=f"w{self.index}")
+        worker, link = self.worker, self.link
+        if link is None:
+            link = self.link = ShardLink(
+                _caller(self.coordinator), worker=worker, slot=f"w{self.index}"
+            )
+        link.begin_shard(last=task.last)
+        calls = link.calls
         job = task.job
         runner = Runner(
             job,
@@ -140,13 +158,18 @@ class ShardWorker:
         scan = runner.prepare()
 
         async def main() -> RunReport:
+            if link.stale:  # between shards for long: the lease may have expired
+                await link.sync()
+            self.leased = True
             async with anyio.create_task_group() as group:
                 group.start_soon(link.run)
                 try:
                     report = await runner.run(scan)
                 finally:
-                    with anyio.CancelScope(shield=True):
-                        await link.sync(leaving=True)
+                    if task.last:
+                        with anyio.CancelScope(shield=True):
+                            await link.sync(leaving=True)
+                        self.leased = False
                     group.cancel_scope.cancel()
             return report
 
@@ -163,9 +186,23 @@ class ShardWorker:
             cost_usd=final.cost_usd,
             over_budget=report.over_budget,
             interrupted=report.interrupted,
-            calls=link.calls,
+            calls=link.calls - calls,
             elapsed_s=final.elapsed_s,
         )
+
+    def leave(self) -> int:
+        """No shard is left for this worker: give its lease back (its permits, dollars and
+        rate share go to the others). Returns the calls it made (0: it held no lease)."""
+        if not self.leased or self.link is None:
+            return 0
+        anyio.run(_leave, self.link, backend_options=loop_options())
+        self.leased = False
+        return 1
+
+
+async def _leave(link: ShardLink) -> None:
+    """A function, not a method (an ``async def`` method makes Ray run an async actor)."""
+    await link.sync(leaving=True)
 
 
 def loop_options() -> dict[str, Any]:

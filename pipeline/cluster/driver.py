@@ -82,10 +82,12 @@ class ClusterReport:
     output_written: bool = False
     figures: Figures | None = None
     results: list[ShardResult] = field(default_factory=list)
+    leave_calls: int = 0
+    """Calls of workers giving their lease back after their last shard."""
 
     @property
     def calls(self) -> int:
-        return sum(result.calls for result in self.results)
+        return sum(result.calls for result in self.results) + self.leave_calls
 
     @property
     def all_ok(self) -> bool:
@@ -404,6 +406,7 @@ def _run_shards(
     pending = list(todo)
     running: dict[Any, tuple[Any, Shard]] = {}
     idle = list(workers)
+    leaving: list[Any] = []
     stop = False
     next_tick = clock()
     try:
@@ -414,6 +417,7 @@ def _run_shards(
                     shard=shard.id,
                     job=shard_job(job, shard, root),
                     retry_failed=options.retry_failed,
+                    last=not pending,
                 )
                 running[worker.run_shard.remote(task)] = (worker, shard)
             if not running:
@@ -426,12 +430,15 @@ def _run_shards(
                 if result.over_budget:
                     stop = True
                 idle.append(worker)
+                if not pending or stop:  # the worker gets no more shards: its lease goes back
+                    leaving.append(worker.leave.remote())
                 if not pending and running:  # the idle workers get no more shards
                     coordinator.expect.remote(len(running))
             if clock() >= next_tick:
                 next_tick = clock() + options.tick_s
                 report.figures = ray.get(coordinator.figures.remote())
                 reporter.update(report.figures, report)
+        report.leave_calls += sum(ray.get(leaving))
         report.figures = ray.get(coordinator.figures.remote())
         reporter.update(report.figures, report)
     finally:

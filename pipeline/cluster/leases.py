@@ -4,10 +4,11 @@ The coordinator runs the single-machine :class:`~pipeline.provider.limits.Limite
 :class:`~pipeline.money.budget.Budget`; :class:`LeaseBook` is its bookkeeping, with the time
 passed in. A worker does not ask for every request (an actor call costs ~0.8 ms): it holds a
 *lease* of permits (each one request in flight) and dollars, uses them locally for as many
-requests as it likes, and calls :meth:`LeaseBook.sync` every few hundred milliseconds or when
-its stock runs low, with what happened since (:class:`Report`: each finished request's outcome,
-the congestion epoch it was sent in, its latency, its tokens and the worker's requests in
-flight then; the dollars spent).
+requests as it likes, for all the shards it runs, and calls :meth:`LeaseBook.sync` now and
+then (:mod:`pipeline.cluster.link` says when: every few hundred requests, after a 429, when
+its stock runs low), with what happened since (:class:`Report`: each finished request's
+outcome, the congestion epoch it was sent in, its latency, its tokens and the worker's
+requests in flight then; the dollars spent).
 
 - **Permits.** Each permit a worker holds is backed by a grant of the coordinator's
   :class:`LimiterState`, so the state's cap bounds the permits of the whole cluster. For each
@@ -18,12 +19,19 @@ flight then; the dollars spent).
   counts against the cap until the worker gives it back: new permits go out only while
   backed plus unbacked permits are below the cap, so the cluster never has more requests in
   flight than ``max_in_flight``. The state learns from what was *really* in flight, not from
-  the permits out (some sit idle, or are not lent yet): its cap grows on a success only while
-  every permit was lent and in use, and a 429 cuts from the cluster's requests in flight then
-  (the worker's own count, the others' as their last calls said), so the ceiling it learns is
-  the provider's, not the permits'.
+  the permits out (some sit idle, are not lent yet, or were just lent): its cap grows on a
+  success while the cap holds the cluster back (the workers want at least the cap, all of it
+  is lent but for a *slack* that reaches them at their next calls, and the reporting worker
+  had requests waiting for a permit), and a 429 cuts from the cluster's requests in flight
+  then (the worker's own count, the others' requests in use as their last calls said), so
+  the ceiling it learns is the provider's, not the permits'. The slack is what keeps a call
+  that brings many round trips' outcomes from taking the cap far ahead of the permits out:
+  half the cap in slow start, all of it back up to the ceiling of the last cut (the state
+  returns there in one round trip, as on one machine), a sixteenth from that ceiling on.
 - **Shares.** Workers that want permits share the cap (water-filling: no worker gets more than
-  it asks for); a worker holding more than its share gives permits back as its requests finish.
+  it asks for; the workers the driver runs that have not called yet count as wanting, so the
+  first to call does not take it all); a worker holding more than its share gives permits
+  back as its requests finish.
 - **Dollars.** On every call a worker hands back the dollars it holds unreserved and asks for
   what its next requests may reserve; the coordinator grants from what the cap leaves after
   the spend and the other workers' leases. When even one request's worst case does not fit
@@ -147,7 +155,8 @@ class SyncReply:
     snapshot: LimiterSnapshot
     ttl_s: float
     spare: bool
-    """Permits are free now: a worker that wants more may call again soon."""
+    """Permits are free now for this worker (below its share, and its lease may grow): if it
+    wants more it may call again soon."""
     rates: RateShare | None = None
     """The worker's share of the rate budgets (a job with a rate budget)."""
 
@@ -165,7 +174,8 @@ class _Lease:
     reach: int = 0
     """Permits it may hold by its next call: ``want``, but at most double what it held (as
     slow start doubles per round trip: leases must not run ahead of what the provider has
-    shown it takes, or one call could put the whole ``max_in_flight`` out at once)."""
+    shown it takes, or one call could put the whole ``max_in_flight`` out at once); at its
+    first call, its share."""
     slot: str = ""
     in_use: int = 0
     full: bool = False
@@ -216,6 +226,8 @@ class LeaseBook:
     ) -> None:
         rated = config.requests_per_minute or config.tokens_per_minute
         self.rates = RateShares(config, workers=workers) if rated else None
+        self.expected = workers
+        """Workers the driver runs: those that have not called yet get a share too."""
         # The rate budgets are the workers' shares; the state bounds what is in flight.
         unrated = replace(config, requests_per_minute=None, tokens_per_minute=None)
         self.state = LimiterState(unrated, rng=rng or random.Random())
@@ -236,6 +248,7 @@ class LeaseBook:
             return lease.answers[call.call_id]
         self.calls += 1
         self.expire(now)
+        new = lease is None
         if lease is None:
             # A new worker, or one whose lease expired: what it has in flight stays its own.
             self._succeed(now, call.slot)
@@ -243,11 +256,12 @@ class LeaseBook:
         lease.expires = now + self.ttl_s
         lease.progress = call.progress
         lease.want = call.want
-        lease.reach = min(call.want, max(MIN_STEP, 2 * lease.permits))
+        # A new lease may take its whole share of the cap at once (the cap is what the
+        # provider has shown it takes); then it at most doubles per call.
+        lease.reach = call.want if new else min(call.want, max(MIN_STEP, 2 * lease.permits))
         lease.in_use, lease.full = call.in_use, call.waiting > 0
-        limited = self._limited()
         for report in call.reports:
-            self._report(now, lease, report, limited=limited)
+            self._report(now, lease, report)
         self._rebalance(now, lease)
         self._settle_dollars(lease, call)
         if call.leaving:
@@ -266,6 +280,10 @@ class LeaseBook:
             lease.grants.append(grant)
         dollars = self._lend(lease, call)
         reply = self._reply(now, permits=lease.permits, share=share, dollars=dollars)
+        if lease.permits >= min(share, lease.reach):
+            # Free permits, but none for this worker until its next call: it holds its share,
+            # or as many as it may hold now (its lease at most doubles per call).
+            reply = replace(reply, spare=False)
         if self.rates is not None:
             active = sum(1 for other in self.leases.values() if other.want > 0)
             rates = self.rates.assign(call.worker, wants=call.want > 0, active=active)
@@ -283,6 +301,7 @@ class LeaseBook:
 
     def expect(self, workers: int) -> None:
         """The driver runs ``workers`` workers from now on (the rate shares' divisor)."""
+        self.expected = workers
         if self.rates is not None:
             self.rates.expect(workers)
 
@@ -302,10 +321,14 @@ class LeaseBook:
 
     def share(self, worker: str) -> int:
         """The permits ``worker`` may hold: the cap shared among the workers that want
-        permits, none getting more than it wants (water-filling)."""
+        permits, and those the driver runs that have not called yet (a share each is kept for
+        them, so the first to call does not take it all), none getting more than it wants
+        (water-filling)."""
         wants = {name: lease.want for name, lease in self.leases.items() if lease.want > 0}
         if worker not in wants:
             return 0
+        for n in range(self.expected - len(self.leases)):
+            wants[f"\0{n}"] = self.state.cap  # not called yet
         left, shares = self.state.cap, dict.fromkeys(wants, 0)
         pending = sorted(wants, key=lambda name: wants[name])
         while pending and left > 0:
@@ -345,29 +368,52 @@ class LeaseBook:
         """Whether one more permit fits under the cap beside every permit out."""
         return self.state.in_flight + self._unbacked() < self.state.cap
 
-    def _limited(self) -> bool:
-        """Whether the cap holds the cluster back: all of it lent out, every permit in use
-        (workers' idle permits are no requests in flight, so they do not raise the cap)."""
-        leases = [lease for lease in self.leases.values() if lease.permits]
-        out = sum(lease.permits for lease in leases)
-        return out >= self.state.cap and all(lease.busy >= lease.permits for lease in leases)
+    def _limited(self, now: float) -> bool:
+        """Whether the cap holds the cluster back: the workers want at least the cap, and all
+        of it is lent but for a little (:meth:`slack`: permits the state just freed or let
+        the cap grow by, which reach the workers at their next calls). Idle permits of
+        workers that want no more do not raise the cap (those workers want less than they
+        hold)."""
+        cap = self.state.cap
+        wanted = sum(min(lease.want, cap) for lease in self.leases.values())
+        out = sum(lease.permits for lease in self.leases.values())
+        return wanted >= cap and out >= cap - self.slack(now)
 
-    def _in_flight(self, lease: _Lease, report: Report, *, limited: bool) -> int:
+    def slack(self, now: float) -> int:
+        """How far the cap may run ahead of the permits lent and still grow (see the module's
+        docstring): half of it in slow start, all of it back up to the ceiling of the last
+        cut, a sixteenth from there (at least ``MIN_STEP``, 2 at the ceiling)."""
+        cap, ceiling = self.state.cap, self.state.snapshot(now).ceiling
+        if ceiling is None:
+            return max(MIN_STEP, cap // 2)
+        if cap < ceiling - 1:
+            return cap
+        return max(2, cap // 16)
+
+    def _in_flight(self, now: float, lease: _Lease, report: Report) -> int:
         """What the cluster had in flight when ``report``'s request finished, for the state:
-        its cap grows on a success only while the cap held the cluster back (``limited`` as
-        the call came, this worker's permits all in use), and a 429 cuts from the requests
-        really in flight (the worker's own count then, the others' as their last calls said),
-        not from permits that sat idle or were not lent yet."""
+        the cap on a success while the cap holds the cluster back (:meth:`_limited`, checked
+        per outcome) and this worker's permits held it back, so the cap grows; for a 429, the
+        requests in use (this worker's count then, the others' as their last calls said)."""
         cap = self.state.cap
         out = sum(other.permits for other in self.leases.values())
-        others = sum(other.busy for other in self.leases.values() if other is not lease)
         if report.outcome == "rate_limited":
-            return others + report.in_flight
+            # Permits lent with another worker's last answer are not counted: a worker is
+            # lent more as the cap grows, and the 429 says the provider took fewer.
+            used = sum(
+                min(other.permits, other.in_use)
+                for other in self.leases.values()
+                if other is not lease
+            )
+            return used + report.in_flight
+        others = sum(other.busy for other in self.leases.values() if other is not lease)
         if out > cap:
             return out  # draining to a cap just cut
-        return cap if limited and report.full else min(cap - 1, others + report.in_flight)
+        if report.full and self._limited(now):
+            return cap
+        return min(cap - 1, others + report.in_flight)
 
-    def _report(self, now: float, lease: _Lease, report: Report, *, limited: bool) -> None:
+    def _report(self, now: float, lease: _Lease, report: Report) -> None:
         """Let the state learn from one finished request; the permit it used stays with the
         worker (backed again if the state allows) unless the worker gave it back."""
         self.reports += 1
@@ -383,7 +429,7 @@ class LeaseBook:
                 actual_tokens=report.actual_tokens,
                 headers=report.headers,
                 retry_after_s=report.retry_after_s,
-                in_flight=self._in_flight(lease, report, limited=limited),
+                in_flight=self._in_flight(now, lease, report),
             )
             lease.unbacked += 1  # the permit is the worker's until it is backed again
         if not report.kept:

@@ -1,24 +1,33 @@
-"""A shard's side of the cluster's limiter and budget: leased permits and dollars, used
-locally, and a call to the coordinator every few hundred milliseconds (see
-:mod:`pipeline.cluster.leases` for the coordinator's side).
+"""A worker's side of the cluster's limiter and budget: leased permits and dollars, used
+locally, and a call to the coordinator now and then (see :mod:`pipeline.cluster.leases` for
+the coordinator's side).
 
 :class:`ShardLink` is the :class:`~pipeline.engine.shared.SharedLimits` a shard's
-:class:`~pipeline.engine.runner.Runner` runs with. Its limiter lets a request go while the
-worker uses fewer permits than it holds; a finished request's permit goes to the next one
-at once, and its outcome waits for the next call. A 429 hands its permit back and calls the
-coordinator at once, so the cluster's cap is cut (once per congestion epoch, as on one
-machine) without waiting for the next round. Its budget reserves each request's worst case
-from the dollars the coordinator leased; when they run short, the request waits for the next
-call, which the shortage makes happen at once.
+:class:`~pipeline.engine.runner.Runner` runs with. A worker has one link for its process's
+life: the lease (permits, dollars, rate share) and the outcomes not yet reported carry from
+one shard to the next (:meth:`ShardLink.begin_shard`), so a shard's start and end cost no call;
+the worker gives the lease back (a ``leaving`` call) after the last shard the driver has for
+it. Its limiter lets a request go while the worker uses fewer permits than it holds; a
+finished request's permit goes to the next one at once, and its outcome waits for the next
+call. A 429 hands its permit back (what the worker sends falls at once) and makes a call due
+within ``GIVE_BACK_S``, which tells the coordinator (its cap is cut once per congestion
+epoch, as on one machine); the 429s of a burst go in that one call. Its budget reserves each
+request's worst case from the dollars the coordinator leased; when they run short, the
+request waits for the next call, which the shortage makes happen at once.
 
 The worker calls the coordinator when one of these holds, at most every ``min_interval_s``:
-a 429 came back; it waits for permits or dollars and the last answer said some were free;
-``batch`` outcomes are waiting; it holds more permits than its share and gave some back;
-it could use more permits (and the cap could grow, or some are free), or a larger rate share,
-than it holds (*hungry*: after ``HUNGRY_SPARE_S``, doubled after each call that brought nothing
-while no permit was free, up to ``HUNGRY_MAX_S``; at least ``HUNGRY_S``
-while none is free); or a third of the lease's time-to-live has passed (the lease must not
-expire). In steady state that is one call per ``batch`` requests or per ``ttl_s / 3`` seconds.
+it waits for dollars; ``batch`` outcomes are waiting; it gave permits back (a 429, or it holds
+more than its share), within ``GIVE_BACK_S``; it holds no permit, or fewer than its share
+while the last answer said some are free for it (at once, then less often while such calls
+bring nothing); it could use more permits than it holds while the cluster's cap climbs (slow
+start, or back up to the ceiling of the last cut), or fewer than its share, or a larger rate
+share (*hungry*: once it finished ``HUNGRY_ROUND_TRIPS`` round trips of its own requests, at
+least ``HUNGRY_MIN_REPORTS``, and after ``HUNGRY_SPARE_S``, doubled after each call that
+brought nothing, up to ``HUNGRY_MAX_S``; at least ``HUNGRY_S`` while none is free); or a third
+of the lease's time-to-live has passed (the lease must not expire). At the cap's ceiling a
+worker that wants more does not call for it: the cap only probes there, and the permit it
+grows by goes out with the next batch. In steady state that is one call per ``batch``
+requests or per ``ttl_s / 3`` seconds.
 
 A job with ``requests_per_minute`` or ``tokens_per_minute`` paces its requests locally at the
 share of those budgets its lease carries (:mod:`pipeline.cluster.rates`): a request waits for
@@ -56,7 +65,7 @@ if TYPE_CHECKING:
     from pipeline.engine.accounting import Accounts
 
 Call = Callable[[SyncCall], Awaitable[SyncReply]]
-BATCH = 256
+BATCH = 320
 MIN_INTERVAL_S = 0.2
 HUNGRY_S = 2.5
 """How often, at most, a worker that could use more permits than it holds calls while the
@@ -65,6 +74,15 @@ HUNGRY_SPARE_S = 1.0
 """... and at first otherwise (doubled after each such call that brought nothing)..."""
 HUNGRY_MAX_S = 5.0
 """... up to this."""
+HUNGRY_ROUND_TRIPS = 4
+"""A hungry call also waits for this many round trips of the worker's own requests (its
+permits' worth of finished requests each), at least ``HUNGRY_MIN_REPORTS``..."""
+HUNGRY_MIN_REPORTS = 32
+"""... so that hungry calls cost at most one per that many requests (a slow worker calls
+less)."""
+GIVE_BACK_S = 1.0
+"""Permits a worker gives back (after a 429, or its share fell) go back with a call within
+this (the coordinator learns of the 429s, and can lend the permits to a worker that waits)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -165,74 +183,21 @@ class _Dollars:
             self.budget.spent += spent
 
 
-class ShardLink(_Dollars):
-    """The leases of one worker, and its calls to the coordinator."""
+class _Permits(_Dollars):
+    """The permits a worker holds, and its requests waiting for one (paced at its share of the
+    rate budgets)."""
 
-    def __init__(
-        self,
-        call: Call,
-        *,
-        worker: str,
-        slot: str = "",
-        batch: int = BATCH,
-        min_interval_s: float = MIN_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         super().__init__()
-        self._call = call
-        self.worker = worker
-        self.slot = slot
-        """The driver's worker this is (a restarted one takes its predecessor's slot)."""
-        self._batch = batch
-        self._min_interval_s = min_interval_s
         self._clock = clock
-        self._ids = itertools.count(1)
         self._grant_ids = itertools.count(1)
-        # Permits.
         self.held = 0
         self.in_use = 0
-        self._given_back = 0
-        """Permits given back so far (those given back during a call are not in its answer)."""
-        self._queue: deque[_Waiter] = deque()
         self.share = 0
         self.epoch = 0
-        self.spare = True
-        self._reports: list[Report] = []
-        self._wake_sync = anyio.Event()
-        self._urgent = False
-        self._snapshot: LimiterSnapshot | None = None
-        self._config: LimiterConfig | None = None
-        self._last_call = -math.inf
-        self._starved_wait_s = min_interval_s
-        """How long a worker waiting for permits waits between calls: doubled while calls
-        bring none (the cap is all out), back to ``min_interval_s`` when one does."""
-        self._hungry_wait_s = HUNGRY_SPARE_S
-        """How long a hungry worker waits between calls: doubled while they bring nothing."""
-        self._ttl_s = TTL_S
-        self._accounts: Accounts | None = None
-        self.progress = Progress()
-        self.calls = 0
+        self._queue: deque[_Waiter] = deque()
         self._rates = SharePacer()
         """Paces requests at the worker's share of the rate budgets (a job with one)."""
-
-    # -- SharedLimits -------------------------------------------------------------------------
-
-    def limiter(self, config: LimiterConfig) -> Limiter:
-        self._config = config
-        self._rates.configure(config)
-        return LeasedLimiter(config, self)
-
-    def budget_for(self, cap: Decimal) -> LeasedBudget:
-        self.budget = LeasedBudget(cap, self)
-        return self.budget
-
-    def bind(self, accounts: Accounts) -> None:
-        self._accounts = accounts
-
-    def commit_group(self) -> int:
-        return max(1, self.held // 2)
-
-    # -- permits -------------------------------------------------------------------------------
 
     async def acquire(self, tokens: int) -> Grant:
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -294,6 +259,85 @@ class ShardLink(_Dollars):
             return math.inf
         return max(0.0, self._rates.ready_at(self._queue[0].tokens) - self._clock())
 
+
+class ShardLink(_Permits):
+    """The leases of one worker, and its calls to the coordinator."""
+
+    def __init__(
+        self,
+        call: Call,
+        *,
+        worker: str,
+        slot: str = "",
+        batch: int = BATCH,
+        min_interval_s: float = MIN_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(clock)
+        self._call = call
+        self.worker = worker
+        self.slot = slot
+        """The driver's worker this is (a restarted one takes its predecessor's slot)."""
+        self._batch = batch
+        self._min_interval_s = min_interval_s
+        self._ids = itertools.count(1)
+        self._given_back = 0
+        """Permits given back so far (those given back during a call are not in its answer)."""
+        self.spare = True
+        self._reports: list[Report] = []
+        self._wake_sync = anyio.Event()
+        self._snapshot: LimiterSnapshot | None = None
+        self._config: LimiterConfig | None = None
+        self._last_call = -math.inf
+        self._starved_wait_s = min_interval_s
+        """How long a worker waiting for permits waits between calls: doubled while calls
+        bring none (the cap is all out), back to ``min_interval_s`` when one does."""
+        self._hungry_wait_s = HUNGRY_SPARE_S
+        """How long a hungry worker waits between calls: doubled while they bring nothing."""
+        self._ttl_s = TTL_S
+        self._accounts: Accounts | None = None
+        self.progress = Progress()
+        self.last = True
+        """No shard follows this one for the worker (near its end, it wants fewer permits)."""
+        self.calls = 0
+        self._soon = False
+        """Permits were given back: a call is due within ``GIVE_BACK_S``."""
+
+    def begin_shard(self, *, last: bool) -> None:
+        """A new shard starts on this worker (with its own event loop): its figures start
+        over; the lease (permits, dollars, rate share) and the outcomes not yet reported carry
+        over, so a worker pays no call for a shard's start or end."""
+        self._queue.clear()  # empty, unless the last shard ended with an error
+        self.in_use = 0
+        self.progress = Progress()
+        self.last = last
+        self._wake_sync = anyio.Event()
+        self._accounts = None
+        self.budget = None
+
+    @property
+    def stale(self) -> bool:
+        """The lease may be near its end (no call for a third of its time-to-live): the
+        worker calls before it sends anything."""
+        return self._clock() - self._last_call >= self._ttl_s / 3
+
+    # -- SharedLimits -------------------------------------------------------------------------
+
+    def limiter(self, config: LimiterConfig) -> Limiter:
+        self._config = config
+        self._rates.configure(config)
+        return LeasedLimiter(config, self)
+
+    def budget_for(self, cap: Decimal) -> LeasedBudget:
+        self.budget = LeasedBudget(cap, self)
+        return self.budget
+
+    def bind(self, accounts: Accounts) -> None:
+        self._accounts = accounts
+
+    def commit_group(self) -> int:
+        return max(1, self.held // 2)
+
     def release(
         self,
         grant: Grant,
@@ -334,10 +378,13 @@ class ShardLink(_Dollars):
             )
         )
         if give_back:
-            self._urgent = True  # the coordinator can lend it to a worker that waits for it
+            # The 429 (which may cut the cluster's cap, once per epoch) and the permit go back
+            # with a call within GIVE_BACK_S: the permit given back already lowered what this
+            # worker sends, and the 429s of a burst go in one call.
+            self._soon = True
             self._wake()
-        elif len(self._reports) >= self._batch:
-            self._wake()
+        elif len(self._reports) in (self._batch, self._hungry_reports()):
+            self._wake()  # a batch to report, or a hungry call may be due
         self._dispatch()
 
     def snapshot(self) -> LimiterSnapshot:
@@ -363,33 +410,44 @@ class ShardLink(_Dollars):
         since = self._clock() - self._last_call
         if since >= self._ttl_s / 3:
             return 0.0
-        wants = self._urgent or len(self._reports) >= self._batch or self._need > ZERO
+        wants = len(self._reports) >= self._batch or self._need > ZERO
         if wants:
             return max(0.0, self._min_interval_s - since)
+        soon = max(self._min_interval_s, GIVE_BACK_S) - since if self._soon else math.inf
         starved = self.waiting > 0 and self.in_use >= self.held and self.held < max(1, self.share)
-        if starved:
-            return max(0.0, self._starved_wait_s - since)
+        if starved and (self.held == 0 or self.spare):
+            return max(0.0, min(soon, self._starved_wait_s - since))
         permits = (
             self.waiting > 0
             and self.in_use >= self.held
             and self.held < self.demand()
-            and self._may_grow()
+            and (starved or self._may_grow())
         )
         rate = self.waiting > 0 and not self._rates.full
-        if permits or rate:
+        if rate or (permits and len(self._reports) >= self._hungry_reports()):
             # Hungry: the cluster's cap may have grown, or another worker's shard ended.
             hungry_s = self._hungry_wait_s
             if permits and not rate and not self.spare:
                 hungry_s = max(hungry_s, HUNGRY_S)
-            return max(0.0, min(self._ttl_s / 3, hungry_s) - since)
-        return self._ttl_s / 3 - since
+            return max(0.0, min(soon, self._ttl_s / 3, hungry_s) - since)
+        return max(0.0, min(soon, self._ttl_s / 3 - since))
+
+    def _hungry_reports(self) -> int:
+        """Requests a hungry worker finishes between calls (at least)."""
+        return max(HUNGRY_MIN_REPORTS, HUNGRY_ROUND_TRIPS * self.held)
 
     def _may_grow(self) -> bool:
         """Whether a call could bring more permits: some were free at the last answer, or
-        the cluster's cap is below ``max_in_flight`` (at it, with every permit lent, only
-        another worker's leaving frees one, and the next call finds that)."""
+        the cluster's cap is still climbing: in slow start below ``max_in_flight``, or after
+        a cut below the ceiling where it came. At that ceiling the cap only probes (one
+        request per 8 round trips), and at ``max_in_flight`` only another worker's leaving
+        frees a permit: the worker's next call for other reasons finds those."""
         snapshot = self._snapshot
-        return self.spare or snapshot is None or snapshot.cap < snapshot.max_in_flight
+        if self.spare or snapshot is None:
+            return True
+        if snapshot.ceiling is None:
+            return snapshot.cap < snapshot.max_in_flight
+        return snapshot.cap < min(snapshot.max_in_flight, snapshot.ceiling - 1)
 
     async def sync(self, *, leaving: bool = False) -> SyncReply:
         """One call: the outcomes and dollars since the last one, for new leases."""
@@ -398,7 +456,7 @@ class ShardLink(_Dollars):
         spent, self._spent = self._spent, ZERO
         settled, self._settled_reserved = self._settled_reserved, ZERO
         need, self._need = self._need, ZERO
-        self._urgent = False
+        self._soon = False
         want = 0 if leaving else self.demand()
         per_request = max(self._largest, need)
         call = SyncCall(
@@ -426,11 +484,12 @@ class ShardLink(_Dollars):
         return reply
 
     def demand(self) -> int:
-        """Permits this worker could use: its job's ``max_in_flight``, or fewer when fewer
-        rows are left (a worker near the end of its shard leaves the rest to the others)."""
+        """Permits this worker could use: its job's ``max_in_flight``, or, in its last shard,
+        fewer when fewer rows are left (a worker near the end of its last shard leaves the
+        rest to the others; one with a shard to follow keeps its permits for it)."""
         top = self._config.max_in_flight if self._config is not None else 1
         progress = self.progress
-        if progress.rows_total:
+        if progress.rows_total and self.last:
             top = min(top, max(0, progress.rows_total - progress.rows_done))
         return max(top, self.in_use + self.waiting) if self.waiting else top
 
