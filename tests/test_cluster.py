@@ -165,7 +165,7 @@ def test_a_hidden_cap_is_found_once_for_the_whole_cluster(
     CPU-bound here, so the server's own per-second figures show how well the cluster shares
     the cap it found: the average in flight over 40, after the first 10 s."""
     base = local_server(latency_ms=250, max_concurrency=40)
-    rows = 3600
+    rows = 4800
     job = make_job(tmp_path, base, rows=rows, max_in_flight=256)
     report = pipeline_ray.run_job(str(job), workers=4, shard_rows=rows // 4)
     stats = server_stats(base)
@@ -183,10 +183,11 @@ def test_a_hidden_cap_is_found_once_for_the_whole_cluster(
     # idle), so its ceiling is the server's 40 and it probes it as one machine does.
     assert share_429 < 0.02
     assert used >= 0.85  # measured 91.0-94.4% (the cap grows while the cluster uses it)
-    # The issue's 0.01 calls per request holds here too (0.0097-0.0099 measured: 4 first
-    # calls and 4 leaving calls weigh on 3,600 requests, with a slow start and a cut); the
-    # test allows a little more, as a loaded machine calls a little more (per-time calls).
-    assert report.calls / report.requests <= 0.012
+    # The issue's 0.01 calls per request. Most calls come in the ramp (measured: 24 of 35 in
+    # the first 13 s at 3,600 rows: 4 first calls, slow start, the cut, the climb back to the
+    # ceiling), then one per BATCH (320) requests per worker, and 4 leaving calls; at 3,600
+    # rows that made 0.0097-0.0102, so the test runs long enough for the steady state to count.
+    assert report.calls / report.requests <= 0.01
 
 
 def steady_utilisation(
