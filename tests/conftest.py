@@ -40,3 +40,16 @@ def sample_jobs(tmp_path: Path) -> Path:
         (jobs / job.name).write_text(job.read_text())
     (tmp_path / "data").symlink_to(root / "data", target_is_directory=True)
     return jobs
+
+
+@pytest.fixture(autouse=True)
+def _peak_hours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs in this process price their requests at noon UTC: the built-in DeepSeek price has
+    an off-peak window (16:30-00:30 UTC, half price), and a test's expected cost must not
+    depend on the hour it runs at. Tests of the window pass their own instants."""
+    import datetime as dt
+
+    from pipeline.money import pricing
+
+    noon = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.UTC)
+    monkeypatch.setattr(pricing, "_now", lambda: noon)

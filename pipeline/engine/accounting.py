@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 
 import anyio
@@ -25,7 +24,7 @@ import anyio
 from pipeline.engine.control import RunControl
 from pipeline.engine.stats import RunStats
 from pipeline.money.budget import Budget
-from pipeline.money.pricing import ZERO_USAGE, CostParts, Price, Usage, cost, cost_parts, price_at
+from pipeline.money.pricing import ZERO_USAGE, CostParts, Price, Usage, cost, cost_parts, price_now
 from pipeline.provider.client import Attempt
 from pipeline.provider.limiter import Limiter
 from pipeline.provider.limits import Grant, Outcome, parse_rate_limit_headers
@@ -102,7 +101,7 @@ class Pricing:
         """The price in effect for a request sent now (prices may have time windows)."""
         if self.price is None or self.price.off_peak is None:
             return self.price
-        return price_at(self.price, datetime.now(UTC))
+        return price_now(self.price)
 
     def worst_cost(self, prompt_tokens: int | None) -> Decimal | None:
         """What one request can cost at most: its prompt and the longest answer."""

@@ -484,6 +484,11 @@ def price_at(price: Price, when: datetime) -> Price:
     return off_peak_price(price, window)
 
 
+def price_now(price: Price) -> Price:
+    """:func:`price_at` the current instant (the clock tests pin: ``_now``)."""
+    return price_at(price, _now())
+
+
 def off_peak_price(price: Price, window: OffPeak) -> Price:
     """``price`` with every part at the window's discount, as a flat price."""
     factor = window.discount
