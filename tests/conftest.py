@@ -51,5 +51,5 @@ def _peak_hours(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from pipeline.money import pricing
 
-    noon = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.UTC)
+    noon = dt.datetime.now(dt.UTC).replace(hour=12, minute=0, second=0, microsecond=0)
     monkeypatch.setattr(pricing, "_now", lambda: noon)

@@ -270,7 +270,7 @@ def test_the_coordinator_learns_from_the_requests_really_in_flight() -> None:
     book.sync(0.1, replace(idle, want=256, waiting=240, reports=(busy,) * 16))
     # Slow start: every permit in use, the cap grows, but a call's outcomes take it no more
     # than the slack (a quarter of it, at least 4) above the 16 permits lent.
-    assert 20 <= book.state.cap <= 16 + book.slack(0.1) < 32
+    assert 20 <= book.state.cap <= 16 + book.slack() < 32
     # The cap stands at 48 (known ceiling 44), but the workers had 41 in flight at the 429:
     # the ceiling is 41, and the cut (gentle: near the known ceiling) goes to 40.
     book = LeaseBook(replace(config, initial_in_flight=48, known_ceiling=44))

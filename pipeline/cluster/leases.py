@@ -368,7 +368,7 @@ class LeaseBook:
         """Whether one more permit fits under the cap beside every permit out."""
         return self.state.in_flight + self._unbacked() < self.state.cap
 
-    def _limited(self, now: float) -> bool:
+    def _limited(self) -> bool:
         """Whether the cap holds the cluster back: the workers want at least the cap, and all
         of it is lent but for a little (:meth:`slack`: permits the state just freed or let
         the cap grow by, which reach the workers at their next calls). Idle permits of
@@ -377,20 +377,20 @@ class LeaseBook:
         cap = self.state.cap
         wanted = sum(min(lease.want, cap) for lease in self.leases.values())
         out = sum(lease.permits for lease in self.leases.values())
-        return wanted >= cap and out >= cap - self.slack(now)
+        return wanted >= cap and out >= cap - self.slack()
 
-    def slack(self, now: float) -> int:
+    def slack(self) -> int:
         """How far the cap may run ahead of the permits lent and still grow (see the module's
         docstring): half of it in slow start, all of it back up to the ceiling of the last
         cut, a sixteenth from there (at least ``MIN_STEP``, 2 at the ceiling)."""
-        cap, ceiling = self.state.cap, self.state.snapshot(now).ceiling
+        cap, ceiling = self.state.cap, self.state.ceiling
         if ceiling is None:
             return max(MIN_STEP, cap // 2)
         if cap < ceiling - 1:
             return cap
         return max(2, cap // 16)
 
-    def _in_flight(self, now: float, lease: _Lease, report: Report) -> int:
+    def _in_flight(self, lease: _Lease, report: Report) -> int:
         """What the cluster had in flight when ``report``'s request finished, for the state:
         the cap on a success while the cap holds the cluster back (:meth:`_limited`, checked
         per outcome) and this worker's permits held it back, so the cap grows; for a 429, the
@@ -409,7 +409,7 @@ class LeaseBook:
         others = sum(other.busy for other in self.leases.values() if other is not lease)
         if out > cap:
             return out  # draining to a cap just cut
-        if report.full and self._limited(now):
+        if report.full and self._limited():
             return cap
         return min(cap - 1, others + report.in_flight)
 
@@ -429,7 +429,7 @@ class LeaseBook:
                 actual_tokens=report.actual_tokens,
                 headers=report.headers,
                 retry_after_s=report.retry_after_s,
-                in_flight=self._in_flight(now, lease, report),
+                in_flight=self._in_flight(lease, report),
             )
             lease.unbacked += 1  # the permit is the worker's until it is backed again
         if not report.kept:

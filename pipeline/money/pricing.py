@@ -358,7 +358,7 @@ def _now() -> datetime:
 def table_quotes(base_url: str, model: str, *, when: datetime | None = None) -> list[Quote]:
     """The tables' prices for ``model`` at ``base_url``, the winner first: the built-in
     table, then genai-prices (at ``when``, default now)."""
-    moment = when or datetime.now(UTC)
+    moment = when or _now()
     found = [_builtin_quote(base_url, model), _catalog_quote(base_url, model, moment)]
     return [quote for quote in found if quote is not None]
 

@@ -365,6 +365,11 @@ class LimiterState:
         return max(1, min(self.config.max_in_flight, math.floor(self._cap)))
 
     @property
+    def ceiling(self) -> int | None:
+        """The cap at which the last cut came (None: no cut yet, nor one known from a run)."""
+        return None if self._ceiling is None else max(1, math.floor(self._ceiling))
+
+    @property
     def in_flight(self) -> int:
         return len(self._open)
 
@@ -476,7 +481,7 @@ class LimiterState:
             rate_limited=self._rate_limited,
             cuts=self._cuts,
             cooling_until=self._cool_until if self._cool_until > now else None,
-            ceiling=None if self._ceiling is None else max(1, math.floor(self._ceiling)),
+            ceiling=self.ceiling,
             tightenings=self._rates.tightenings,
         )
 
