@@ -365,8 +365,7 @@ class LimiterState:
         return max(1, min(self.config.max_in_flight, math.floor(self._cap)))
 
     @property
-    def ceiling(self) -> int | None:
-        """The cap at which the last cut came (None: no cut yet, nor one known from a run)."""
+    def ceiling(self) -> int | None:  # as LimiterSnapshot.ceiling
         return None if self._ceiling is None else max(1, math.floor(self._ceiling))
 
     @property
