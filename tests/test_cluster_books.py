@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pipeline.cli.commands import cli
 from pipeline.cluster import plan as cluster_plan
-from pipeline.cluster.leases import LeaseBook, Report, SyncCall, SyncReply
+from pipeline.cluster.leases import LeaseBook, Progress, Report, SyncCall, SyncReply
 from pipeline.cluster.link import ShardLink, _Waiter
 from pipeline.cluster.plan import plan_shards
 from pipeline.cluster.rates import SharePacer
@@ -306,20 +306,63 @@ def test_the_cap_grows_back_while_the_cluster_uses_what_it_has() -> None:
     assert cap_after(40, want=256, held=20) == 41  # all 40 lent and in use: it probes
 
 
-def test_a_429_cuts_from_the_requests_in_use_not_from_permits_just_lent() -> None:
-    """Permits lent with another worker's last answer may not be in use yet (in slow start
-    every worker's lease grows at its call): a 429 then says the provider's limit is what the
-    workers had in use, not what they held."""
-    config = LimiterConfig(max_in_flight=256, initial_in_flight=64)
-    book = LeaseBook(config)
-    _lease_up(book, "a", 16)
-    _lease_up(book, "b", 16)
-    # b's call lends it 16 more; none of them in use yet when a's request meets a 429.
-    book.sync(0.1, SyncCall(worker="b", call_id="more", want=64, in_use=16, waiting=48))
-    assert book.leases["b"].permits == 32
-    limited = Report(outcome="rate_limited", epoch=0, latency_s=0, tokens=0, in_flight=16)
-    book.sync(0.2, SyncCall(worker="a", call_id="429", want=64, in_use=15, reports=(limited,)))
-    assert book.state.snapshot(0.2).ceiling == 32  # 16 + 16 in use, not 16 + 32 held
+def test_a_429_cuts_from_the_requests_in_flight_when_its_request_was_sent() -> None:
+    """Permits lent with another worker's answer after a request went were not in use when
+    the provider answered it 429: the ceiling is what the workers had in flight then. Those
+    lent before it went were in use if their worker had requests waiting (its last call's
+    count is stale), and a worker that left since still counts."""
+
+    def ceiling_after(sent_at: float, *, b_leaves: bool = False) -> int | None:
+        book = LeaseBook(LimiterConfig(max_in_flight=256, initial_in_flight=64))
+        _lease_up(book, "a", 16)
+        _lease_up(book, "b", 16)
+        # At 1.0 b's call lends it 16 more (16 requests wait: it uses them at once).
+        book.sync(1.0, SyncCall(worker="b", call_id="more", want=32, in_use=16, waiting=16))
+        assert book.leases["b"].permits == 32
+        if b_leaves:
+            book.sync(1.5, SyncCall(worker="b", call_id="bye", want=0, in_use=0, leaving=True))
+        # a's request went at ``sent_at`` on a's clock (a's clock reads 2.0 at its call), and
+        # its 429 came at once.
+        limited = Report(
+            outcome="rate_limited",
+            epoch=0,
+            latency_s=0,
+            tokens=0,
+            in_flight=16,
+            finished_at=sent_at,
+        )
+        call = SyncCall(
+            worker="a", call_id="429", want=64, in_use=15, reports=(limited,), sent_at=2.0
+        )
+        book.sync(2.0, call)
+        return book.state.snapshot(2.0).ceiling
+
+    assert ceiling_after(0.5) == 32  # before b's permits were lent: 16 + 16, not 16 + 32 held
+    assert ceiling_after(1.2) == 48  # after: b used all 32 (its requests waited)
+    assert ceiling_after(1.2, b_leaves=True) == 48  # b left since: its 32 were in flight then
+    assert ceiling_after(1.8, b_leaves=True) == 16  # it left before: a's 16 alone
+
+
+def test_answers_say_when_the_first_other_worker_is_expected_to_leave() -> None:
+    """Once every shard is handed out, each answer says when the first other worker's shard
+    should end at its pace so far: permits come free then. A shard far behind its pace says
+    nothing (it may be stuck on retries)."""
+    book = LeaseBook(LimiterConfig(max_in_flight=64, initial_in_flight=32), workers=2)
+
+    def call(worker: str, n: int, at: float, done: int) -> SyncReply:
+        progress = Progress(shard=f"s-{worker}", rows_done=done, rows_total=1000)
+        return book.sync(
+            at, SyncCall(worker=worker, call_id=f"{n}", want=16, in_use=0, progress=progress)
+        )
+
+    call("a", 1, 0.0, 0)
+    call("b", 1, 0.0, 0)
+    call("b", 2, 10.0, 500)  # b does 50 rows/s: its 1,000 end at 20 s
+    assert call("a", 2, 10.0, 100).free_in_s is None  # shards are still being handed out
+    book.ending = True
+    assert call("a", 3, 12.0, 120).free_in_s == pytest.approx(8.0)
+    assert call("a", 4, 22.0, 220).free_in_s == 0.0  # due: it should be leaving now
+    assert call("a", 5, 24.0, 240).free_in_s is None  # 4 s overdue: no hint
 
 
 class _Coordinator:
@@ -383,3 +426,26 @@ def test_a_worker_keeps_its_lease_from_shard_to_shard_and_calls_per_requests() -
     link.in_use = 0
     anyio.run(functools.partial(link.sync, leaving=True))
     assert coordinator.book.leases == {}  # it left: its lease went back
+
+
+def test_a_429_makes_a_call_due_give_back_s_after_the_last_one() -> None:
+    """Each way a call may be due counts from the last call: a worker short of its share and
+    hungry does not call earlier because 429s made a call due too."""
+    import anyio
+
+    from pipeline.cluster.link import GIVE_BACK_S
+
+    now = [0.0]
+    book = LeaseBook(LimiterConfig(max_in_flight=256, initial_in_flight=16, known_ceiling=16))
+    link = ShardLink(_Coordinator(book, lambda: now[0]), worker="w0:1", clock=lambda: now[0])
+    link.limiter(LimiterConfig(max_in_flight=256))
+    anyio.run(link.sync)
+    assert link.held == link.share == 16
+    grants = [anyio.run(link.acquire, 0) for _ in range(16)]
+    link._queue.append(_Waiter())  # more requests wait
+    now[0] = 0.3
+    for _ in range(3):  # three 429s: 13 permits left, short of its share of 16
+        link.release(grants.pop(), outcome="rate_limited")
+    link._reports = link._reports * 32  # a hungry call's worth of outcomes
+    assert link.held == 13
+    assert link._due_in() == pytest.approx(GIVE_BACK_S - 0.3)

@@ -153,6 +153,31 @@ def test_recovery_after_a_cut_returns_to_the_ceiling_and_then_probes_beyond() ->
     assert caps[-1] >= 40  # and speeds up again once past it
 
 
+def test_after_slow_start_a_429_above_half_its_ceiling_cuts_gently() -> None:
+    """Slow start overshoots the provider's limit (a cluster's workers report their 429s
+    late): the first cut's ceiling is high, so a 429 on the way back, above half of it, cuts
+    one request (the limit is there) instead of halving again; at half or below, it halves."""
+
+    def caps_after(second: int) -> tuple[int, int | None]:
+        state = make(max_in_flight=256, initial_in_flight=54, ramp_s=0.0)
+        grants: list[Grant] = []
+        fill(state, 0.0, grants)  # 54 in flight: slow start ends here
+        state.release(0.0, grants.pop(), outcome="rate_limited", in_flight=54)
+        assert (state.cap, state.ceiling) == (27, 54)
+        for grant in grants:
+            state.release(0.5, grant, outcome="ok")
+        grants = []
+        while state.cap < second:  # back up, as far as ``second``
+            succeed(state, 2.0, grants, state.cap)
+        fill(state, 2.0, grants)
+        state.release(2.0, grants.pop(), outcome="rate_limited", in_flight=second)
+        return state.cap, state.ceiling
+
+    assert caps_after(45) == (44, 45)  # gentle: the limit is 45, not 54
+    assert caps_after(28) == (27, 28)  # just above half: still gentle
+    assert caps_after(27)[0] == 13  # half or below: the limit fell, halve
+
+
 def test_ok_of_an_old_epoch_during_the_drain_does_not_grow_the_cap() -> None:
     state = make(max_in_flight=100, initial_in_flight=16)
     grants: list[Grant] = []

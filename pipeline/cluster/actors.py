@@ -58,6 +58,10 @@ class Coordinator:
         """The driver runs ``workers`` workers from now on."""
         self.book.expect(workers)
 
+    def ending(self) -> None:
+        """Every shard is handed out: each worker leaves when the one it runs ends."""
+        self.book.ending = True
+
     def figures(self) -> Figures:
         now = time.monotonic()
         self.book.expire(now)

@@ -420,6 +420,8 @@ def _run_shards(
                     last=not pending,
                 )
                 running[worker.run_shard.remote(task)] = (worker, shard)
+                if not pending:
+                    coordinator.ending.remote()
             if not running:
                 break
             ready, _ = ray.wait(list(running), num_returns=1, timeout=options.tick_s)

@@ -23,15 +23,21 @@ requests in flight then; the dollars spent).
   success while the cap holds the cluster back (the workers want at least the cap, all of it
   is lent but for a *slack* that reaches them at their next calls, and the reporting worker
   had requests waiting for a permit), and a 429 cuts from the cluster's requests in flight
-  then (the worker's own count, the others' requests in use as their last calls said), so
-  the ceiling it learns is the provider's, not the permits'. The slack is what keeps a call
+  when its request was *sent* (the worker's own count; each other worker's as its calls
+  before then said, its permits if it had requests waiting: a worker's last call is stale,
+  and permits lent since were not in use yet; workers that left since, too), so the ceiling
+  it learns is the provider's, not the permits'. Slow start overshoots the provider's limit
+  more than on one machine (the workers' 429s reach the coordinator late), so the state cuts
+  gently at a 429 above half of that first ceiling. The slack is what keeps a call
   that brings many round trips' outcomes from taking the cap far ahead of the permits out:
   half the cap in slow start, all of it back up to the ceiling of the last cut (the state
   returns there in one round trip, as on one machine), a sixteenth from that ceiling on.
 - **Shares.** Workers that want permits share the cap (water-filling: no worker gets more than
   it asks for; the workers the driver runs that have not called yet count as wanting, so the
   first to call does not take it all); a worker holding more than its share gives permits
-  back as its requests finish.
+  back as its requests finish. Once every shard is handed out, each answer says when the
+  first other worker is expected to end its shard (at its pace so far) and leave: a worker
+  that wants more permits calls then, so the leaver's permits do not sit idle.
 - **Dollars.** On every call a worker hands back the dollars it holds unreserved and asks for
   what its next requests may reserve; the coordinator grants from what the cap leaves after
   the spend and the other workers' leases. When even one request's worst case does not fit
@@ -52,7 +58,7 @@ requests in flight then; the dollars spent).
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
@@ -75,6 +81,14 @@ REMEMBERED_CALLS = 8
 """Answers kept per worker for calls that might be retried."""
 MIN_STEP = 4
 """A worker's lease may grow to at least this many permits at once."""
+SLOW_START_GROWTH = 4
+"""In slow start a lease grows at most this many times per call (a worker calls every few
+round trips, in which one machine's slow start would double the cap each)."""
+OVERDUE_S = 3.0
+"""A shard this late on its pace gives no hint of when its permits come free."""
+HISTORY = 16
+"""A worker's last calls whose figures the coordinator keeps (to tell what it had in flight
+when a 429's request was sent)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +110,8 @@ class Report:
     """The worker's requests in flight when it finished, this one included."""
     full: bool = False
     """The worker had requests waiting for a permit then (its permits held it back)."""
+    finished_at: float = 0.0
+    """When it finished, on the worker's clock (as :attr:`SyncCall.sent_at`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +155,9 @@ class SyncCall:
     slot: str = ""
     """Which of the driver's workers this is: a new worker in a slot ends the lease of the
     one before it (it died and was restarted)."""
+    sent_at: float = 0.0
+    """When the worker made the call, on its own clock: with a report's ``finished_at`` and
+    latency, the coordinator tells how long ago that request was sent."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,6 +178,9 @@ class SyncReply:
     wants more it may call again soon."""
     rates: RateShare | None = None
     """The worker's share of the rate budgets (a job with a rate budget)."""
+    free_in_s: float | None = None
+    """When another worker is expected to end its last shard and leave, freeing its permits
+    (seconds from now; None: none is): a worker that wants more permits calls then."""
 
 
 @dataclass(slots=True)
@@ -172,17 +194,23 @@ class _Lease:
     want: int = 0
     """Permits the worker could use, as its last call said."""
     reach: int = 0
-    """Permits it may hold by its next call: ``want``, but at most double what it held (as
-    slow start doubles per round trip: leases must not run ahead of what the provider has
-    shown it takes, or one call could put the whole ``max_in_flight`` out at once); at its
-    first call, its share."""
+    """Permits it may hold by its next call: ``want``; but in slow start at most
+    ``SLOW_START_GROWTH`` times what it held (leases must not run far ahead of what the
+    provider has shown it takes, or one call could put the whole ``max_in_flight`` out at
+    once; past slow start the cap meters the cluster); at its first call, its share."""
     slot: str = ""
     in_use: int = 0
     full: bool = False
     """As its last call said: requests in use, and whether others waited for permits."""
     expires: float = 0.0
+    history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    """After each of its last calls: when (the coordinator's clock), and its :attr:`busy`."""
     answers: OrderedDict[str, SyncReply] = field(default_factory=OrderedDict)
     progress: Progress = Progress()
+    since: tuple[float, int] | None = None
+    """The first call of its shard: when, and the rows done then (the shard's pace)."""
+    called: float = 0.0
+    """When its last call came."""
 
     @property
     def permits(self) -> int:
@@ -192,6 +220,34 @@ class _Lease:
     def busy(self) -> int:
         """Its requests in flight, as far as the coordinator knows."""
         return self.permits if self.full else min(self.permits, self.in_use)
+
+    def observe(self, now: float, progress: Progress) -> None:
+        """A call's progress; the first of a shard starts the shard's pace."""
+        if self.since is None or progress.shard != self.progress.shard:
+            self.since = (now, progress.rows_done)
+        self.progress, self.called = progress, now
+
+    def ends_in(self, now: float) -> float | None:
+        """Seconds until its shard ends at the shard's pace so far (None: no pace yet, or
+        overdue by more than ``OVERDUE_S``: it is stuck, say on retries)."""
+        if self.since is None:
+            return None
+        start, rows = self.since
+        done = self.progress.rows_done - rows
+        if done <= 0 or self.called <= start:
+            return None
+        left = self.progress.rows_total - self.progress.rows_done
+        ends = left * (self.called - start) / done - (now - self.called)
+        return None if ends < -OVERDUE_S else max(0.0, ends)
+
+    def busy_at(self, when: float) -> int:
+        """Its requests in flight at ``when``, as far as the coordinator knows: its
+        :attr:`busy` after its last call before then (permits lent later were not in use
+        yet), or, before every call it remembers, what it said it used."""
+        for called, busy in reversed(self.history):
+            if called <= when:
+                return busy
+        return min(self.permits, self.in_use)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,6 +284,9 @@ class LeaseBook:
         self.rates = RateShares(config, workers=workers) if rated else None
         self.expected = workers
         """Workers the driver runs: those that have not called yet get a share too."""
+        self.ending = False
+        """No shard is left to hand out: each worker leaves when the shard it runs ends (its
+        answers say when the first of the others is expected to)."""
         # The rate budgets are the workers' shares; the state bounds what is in flight.
         unrated = replace(config, requests_per_minute=None, tokens_per_minute=None)
         self.state = LimiterState(unrated, rng=rng or random.Random())
@@ -235,6 +294,9 @@ class LeaseBook:
         self.unknown_spend = False
         self.ttl_s = ttl_s
         self.leases: dict[str, _Lease] = {}
+        self.gone: deque[tuple[float, _Lease]] = deque()
+        """Leases that ended (when, and the lease) within the last ``ttl_s``: a 429 reported
+        later may have been sent while their requests were still in flight."""
         self.calls = 0
         self.reports = 0
         self.expired = 0
@@ -254,14 +316,12 @@ class LeaseBook:
             self._succeed(now, call.slot)
             lease = self.leases[call.worker] = _Lease(unbacked=call.in_use, slot=call.slot)
         lease.expires = now + self.ttl_s
-        lease.progress = call.progress
+        lease.observe(now, call.progress)
         lease.want = call.want
-        # A new lease may take its whole share of the cap at once (the cap is what the
-        # provider has shown it takes); then it at most doubles per call.
-        lease.reach = call.want if new else min(call.want, max(MIN_STEP, 2 * lease.permits))
+        lease.reach = self._reach(lease, call.want, new=new)
         lease.in_use, lease.full = call.in_use, call.waiting > 0
         for report in call.reports:
-            self._report(now, lease, report)
+            self._report(now, lease, report, age_s=call.sent_at - report.finished_at)
         self._rebalance(now, lease)
         self._settle_dollars(lease, call)
         if call.leaving:
@@ -270,7 +330,7 @@ class LeaseBook:
                 self.rates.forget(call.worker)
             lease.want = 0
             reply = self._reply(now, permits=0, share=0, dollars=ZERO)
-            del self.leases[call.worker]
+            self._forget(now, call.worker)
             return reply
         share = self.share(call.worker)
         while lease.permits < min(share, lease.reach):
@@ -282,16 +342,30 @@ class LeaseBook:
         reply = self._reply(now, permits=lease.permits, share=share, dollars=dollars)
         if lease.permits >= min(share, lease.reach):
             # Free permits, but none for this worker until its next call: it holds its share,
-            # or as many as it may hold now (its lease at most doubles per call).
+            # or as many as it may hold now (in slow start a lease grows by steps).
             reply = replace(reply, spare=False)
+        if self.ending:
+            reply = replace(reply, free_in_s=self._free_in(now, call.worker))
         if self.rates is not None:
             active = sum(1 for other in self.leases.values() if other.want > 0)
             rates = self.rates.assign(call.worker, wants=call.want > 0, active=active)
             reply = replace(reply, rates=rates)
+        lease.history.append((now, lease.busy))
         lease.answers[call.call_id] = reply
         while len(lease.answers) > REMEMBERED_CALLS:
             lease.answers.popitem(last=False)
         return reply
+
+    def _reach(self, lease: _Lease, want: int, *, new: bool) -> int:
+        """Permits a lease may hold by its next call (see :attr:`_Lease.reach`)."""
+        if new or self.state.ceiling is not None:
+            return want
+        return min(want, max(MIN_STEP, SLOW_START_GROWTH * lease.permits))
+
+    def _free_in(self, now: float, worker: str) -> float | None:
+        """When the first of the other workers is expected to leave (all shards handed out)."""
+        ends = [other.ends_in(now) for name, other in self.leases.items() if name != worker]
+        return min((end for end in ends if end is not None), default=None)
 
     def expire(self, now: float) -> None:
         """Take back the leases of workers that stopped calling."""
@@ -314,10 +388,16 @@ class LeaseBook:
 
     def _end(self, now: float, worker: str) -> None:
         """A dead worker's lease: everything back, its reserved dollars spent."""
-        self._close(now, self.leases.pop(worker), spend_reserved=True)
+        self._close(now, self.leases[worker], spend_reserved=True)
+        self._forget(now, worker)
         if self.rates is not None:
             self.rates.forget(worker)
         self.expired += 1
+
+    def _forget(self, now: float, worker: str) -> None:
+        self.gone.append((now, self.leases.pop(worker)))
+        while self.gone and self.gone[0][0] < now - self.ttl_s:
+            self.gone.popleft()
 
     def share(self, worker: str) -> int:
         """The permits ``worker`` may hold: the cap shared among the workers that want
@@ -390,22 +470,21 @@ class LeaseBook:
             return cap
         return max(2, cap // 16)
 
-    def _in_flight(self, lease: _Lease, report: Report) -> int:
+    def _in_flight(self, lease: _Lease, report: Report, sent: float) -> int:
         """What the cluster had in flight when ``report``'s request finished, for the state:
         the cap on a success while the cap holds the cluster back (:meth:`_limited`, checked
         per outcome) and this worker's permits held it back, so the cap grows; for a 429, the
-        requests in use (this worker's count then, the others' as their last calls said)."""
+        requests in flight when it was ``sent`` (this worker's count, the others' as their
+        calls before then said: :meth:`_Lease.busy_at`)."""
         cap = self.state.cap
         out = sum(other.permits for other in self.leases.values())
         if report.outcome == "rate_limited":
-            # Permits lent with another worker's last answer are not counted: a worker is
-            # lent more as the cap grows, and the 429 says the provider took fewer.
-            used = sum(
-                min(other.permits, other.in_use)
-                for other in self.leases.values()
-                if other is not lease
-            )
-            return used + report.in_flight
+            # Permits lent after the request went were not in use when the provider said no
+            # (in slow start the cap doubles per round trip), and those lent before were, if
+            # their worker had requests waiting: its last call's count alone is stale.
+            used = sum(other.busy_at(sent) for other in self.leases.values() if other is not lease)
+            ended = sum(gone.busy_at(sent) for left, gone in self.gone if sent < left)
+            return used + ended + report.in_flight
         others = sum(other.busy for other in self.leases.values() if other is not lease)
         if out > cap:
             return out  # draining to a cap just cut
@@ -413,23 +492,25 @@ class LeaseBook:
             return cap
         return min(cap - 1, others + report.in_flight)
 
-    def _report(self, now: float, lease: _Lease, report: Report) -> None:
-        """Let the state learn from one finished request; the permit it used stays with the
-        worker (backed again if the state allows) unless the worker gave it back."""
+    def _report(self, now: float, lease: _Lease, report: Report, *, age_s: float) -> None:
+        """Let the state learn from one finished request (``age_s`` ago); the permit it used
+        stays with the worker (backed again if the state allows) unless the worker gave it
+        back."""
         self.reports += 1
         if self.rates is not None and report.headers is not None:
             self.rates.learn(report.headers)
         if lease.grants:
             grant = lease.grants.pop(0)
-            sent = replace(grant, granted_at=now - max(0.0, report.latency_s), epoch=report.epoch)
+            latency = max(0.0, report.latency_s)
+            sent = now - max(0.0, age_s) - latency
             self.state.release(
                 now,
-                sent,
+                replace(grant, granted_at=now - latency, epoch=report.epoch),
                 outcome=report.outcome,
                 actual_tokens=report.actual_tokens,
                 headers=report.headers,
                 retry_after_s=report.retry_after_s,
-                in_flight=self._in_flight(lease, report),
+                in_flight=self._in_flight(lease, report, sent),
             )
             lease.unbacked += 1  # the permit is the worker's until it is backed again
         if not report.kept:

@@ -18,16 +18,18 @@ request waits for the next call, which the shortage makes happen at once.
 The worker calls the coordinator when one of these holds, at most every ``min_interval_s``:
 it waits for dollars; ``batch`` outcomes are waiting; it gave permits back (a 429, or it holds
 more than its share), within ``GIVE_BACK_S``; it holds no permit, or fewer than its share
-while the last answer said some are free for it (at once, then less often while such calls
-bring nothing); it could use more permits than it holds while the cluster's cap climbs (slow
-start, or back up to the ceiling of the last cut), or fewer than its share, or a larger rate
+(by more than an eighth) while the last answer said some are free for it (at once, then less
+often while such calls bring nothing); it could use more permits than it holds while the
+cluster's cap climbs (slow start, or back up to the ceiling of the last cut), or fewer than its
+share (by more than an eighth), or a larger rate
 share (*hungry*: once it finished ``HUNGRY_ROUND_TRIPS`` round trips of its own requests, at
 least ``HUNGRY_MIN_REPORTS``, and after ``HUNGRY_SPARE_S``, doubled after each call that
 brought nothing, up to ``HUNGRY_MAX_S``; at least ``HUNGRY_S`` while none is free); or a third
 of the lease's time-to-live has passed (the lease must not expire). At the cap's ceiling a
 worker that wants more does not call for it: the cap only probes there, and the permit it
-grows by goes out with the next batch. In steady state that is one call per ``batch``
-requests or per ``ttl_s / 3`` seconds.
+grows by goes out with the next batch; but when the last answer said another worker is about
+to leave, it calls ``LEAVE_S`` after that (at least ``HUNGRY_SPARE_S`` after its last call).
+In steady state that is one call per ``batch`` requests or per ``ttl_s / 3`` seconds.
 
 A job with ``requests_per_minute`` or ``tokens_per_minute`` paces its requests locally at the
 share of those budgets its lease carries (:mod:`pipeline.cluster.rates`): a request waits for
@@ -65,7 +67,7 @@ if TYPE_CHECKING:
     from pipeline.engine.accounting import Accounts
 
 Call = Callable[[SyncCall], Awaitable[SyncReply]]
-BATCH = 320
+BATCH = 400
 MIN_INTERVAL_S = 0.2
 HUNGRY_S = 2.5
 """How often, at most, a worker that could use more permits than it holds calls while the
@@ -74,13 +76,16 @@ HUNGRY_SPARE_S = 1.0
 """... and at first otherwise (doubled after each such call that brought nothing)..."""
 HUNGRY_MAX_S = 5.0
 """... up to this."""
+LEAVE_S = 0.5
+"""A worker whose last shard ends leaves (gives its permits back) about this much later: a
+worker that wants more calls then (the coordinator says when the shard should end)."""
 HUNGRY_ROUND_TRIPS = 4
 """A hungry call also waits for this many round trips of the worker's own requests (its
 permits' worth of finished requests each), at least ``HUNGRY_MIN_REPORTS``..."""
 HUNGRY_MIN_REPORTS = 32
 """... so that hungry calls cost at most one per that many requests (a slow worker calls
 less)."""
-GIVE_BACK_S = 1.0
+GIVE_BACK_S = 2.0
 """Permits a worker gives back (after a 429, or its share fell) go back with a call within
 this (the coordinator learns of the 429s, and can lend the permits to a worker that waits)."""
 
@@ -294,6 +299,8 @@ class ShardLink(_Permits):
         bring none (the cap is all out), back to ``min_interval_s`` when one does."""
         self._hungry_wait_s = HUNGRY_SPARE_S
         """How long a hungry worker waits between calls: doubled while they bring nothing."""
+        self._free_at: float | None = None
+        """When another worker's last shard is expected to end (the last answer said)."""
         self._ttl_s = TTL_S
         self._accounts: Accounts | None = None
         self.progress = Progress()
@@ -363,11 +370,12 @@ class ShardLink(_Permits):
         if give_back:
             self.held -= 1
             self._given_back += 1
+        finished = self._clock()
         self._reports.append(
             Report(
                 outcome=outcome,
                 epoch=grant.epoch,
-                latency_s=self._clock() - grant.granted_at,
+                latency_s=finished - grant.granted_at,
                 tokens=grant.tokens,
                 actual_tokens=actual_tokens,
                 headers=headers,
@@ -375,6 +383,7 @@ class ShardLink(_Permits):
                 kept=not give_back,
                 in_flight=in_flight,
                 full=full,
+                finished_at=finished,
             )
         )
         if give_back:
@@ -413,10 +422,15 @@ class ShardLink(_Permits):
         wants = len(self._reports) >= self._batch or self._need > ZERO
         if wants:
             return max(0.0, self._min_interval_s - since)
-        soon = max(self._min_interval_s, GIVE_BACK_S) - since if self._soon else math.inf
-        starved = self.waiting > 0 and self.in_use >= self.held and self.held < max(1, self.share)
+        # Each way below gives when the call is due, in seconds after the last one.
+        soon = max(self._min_interval_s, GIVE_BACK_S) if self._soon else math.inf
+        # A share moves by one as the cap probes its ceiling, and a 429 takes a permit: within
+        # an eighth of its share, a worker does not call for more (such calls would cost more
+        # than they bring; the next call for another reason brings it).
+        short = self.held < max(1, self.share - self.share // 8)
+        starved = self.waiting > 0 and self.in_use >= self.held and short
         if starved and (self.held == 0 or self.spare):
-            return max(0.0, min(soon, self._starved_wait_s - since))
+            return max(0.0, min(soon, self._starved_wait_s) - since)
         permits = (
             self.waiting > 0
             and self.in_use >= self.held
@@ -430,7 +444,13 @@ class ShardLink(_Permits):
             if permits and not rate and not self.spare:
                 hungry_s = max(hungry_s, HUNGRY_S)
             return max(0.0, min(soon, self._ttl_s / 3, hungry_s) - since)
-        return max(0.0, min(soon, self._ttl_s / 3 - since))
+        wanting = self.waiting > 0 and self.in_use >= self.held and self.held < self.demand()
+        if wanting and self._free_at is not None:
+            # Another worker's last shard is expected to end then (and it to leave a little
+            # later), freeing its permits.
+            free = max(self._free_at + LEAVE_S - self._last_call, HUNGRY_SPARE_S)
+            return max(0.0, min(soon, self._ttl_s / 3, free) - since)
+        return max(0.0, min(soon, self._ttl_s / 3) - since)
 
     def _hungry_reports(self) -> int:
         """Requests a hungry worker finishes between calls (at least)."""
@@ -475,8 +495,9 @@ class ShardLink(_Permits):
             leaving=leaving,
             progress=self.progress,
             slot=self.slot,
+            sent_at=self._clock(),
         )
-        self._last_call = self._clock()
+        self._last_call = call.sent_at
         given_back = self._given_back
         reply = await self._call(call)
         self.calls += 1
@@ -511,6 +532,8 @@ class ShardLink(_Permits):
         self.share = reply.share
         self.epoch = reply.epoch
         self.spare = reply.spare
+        free_in = reply.free_in_s
+        self._free_at = None if free_in is None else self._clock() + free_in
         self._snapshot = reply.snapshot
         self._ttl_s = reply.ttl_s
         self.stock += reply.dollars

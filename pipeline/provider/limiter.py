@@ -1,7 +1,15 @@
 """The anyio side of the limiter: :class:`Limiter` makes tasks wait for the pure
 :class:`~pipeline.provider.limits.LimiterState`, first come first served, without polling.
 The rules it applies are drawn in :mod:`pipeline.provider.limits` and
-:mod:`pipeline.provider.rate_window`."""
+:mod:`pipeline.provider.rate_window`.
+
+:meth:`LimiterState.try_acquire` answers with a grant, a wait (with the exact time at which
+time alone would let the request through, or ``None`` when only a release can), or "never
+fits". :class:`Limiter` keeps a FIFO queue of waiters, each with its own
+:class:`anyio.Event`; releases hand capacity to the head of the queue directly, and only the
+head sleeps, until exactly that time. There is no polling loop. A large request at the head is
+not overtaken by smaller ones behind it, so it cannot starve. A waiter cancelled after it was
+handed a grant gives the grant back as if it had never been made."""
 
 from __future__ import annotations
 

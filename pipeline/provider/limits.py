@@ -1,12 +1,8 @@
 """How many requests may be sent, and when: an adaptive in-flight cap plus optional rate budgets.
 
-Two layers. :class:`LimiterState` is pure: no I/O, no event loop, the time is passed in as
-``now`` (seconds) and randomness comes from an injected :class:`random.Random`, so tests drive
-it with a fake clock. :class:`Limiter` is a thin anyio wrapper around it that makes tasks wait,
-first come first served, and wakes them exactly when a request may go; it lives in
-:mod:`pipeline.provider.limiter`, so that this module imports no event loop.
-
-What the limiter does, in plain words:
+:class:`LimiterState` is pure: no I/O, no event loop, the time is passed in as ``now``
+(seconds) and randomness comes from an injected :class:`random.Random`, so tests drive it with
+a fake clock; :mod:`pipeline.provider.limiter` makes tasks wait on it. In plain words:
 
 **In-flight cap (adapts on 429).** At most ``cap`` requests are in flight, ``1 <= cap <=
 max_in_flight``. The cap starts at ``initial_in_flight`` (default ``min(max_in_flight, 16)``:
@@ -25,14 +21,15 @@ input or a rate budget did, and not while the in-flight count drains down to a c
 A 429 cuts the cap by ``decrease_factor`` (0.5; never below 1), at most once per *congestion
 epoch*: each cut starts a new epoch, and a 429 for a request that was sent before the cut says
 nothing new, so a burst of 429s halves the cap once instead of collapsing it to 1. A 429 that
-comes where the last one did (the cap within 10% of that ceiling, and at least 4) cuts the cap
-by one request only, with no cool-down: the provider's limit is known to be there, the cap
-itself meters the requests, and halving again (or pausing) would idle part of it while the cap
-climbs back. This finds a provider's hidden concurrency limit (DeepSeek answers 429 without
-any headers) without being told. Against a hidden limit of 40 the simulation in the tests
-keeps all of it in flight on average (the cap is 40 or 41) with about 0.3% of requests
-answered 429 (cutting to 0.85 at a known ceiling and probing it every other round trip kept
-94%, halving at every 429 87%; plain additive increase would average 75%).
+comes where the last one did (the cap within 10% of that ceiling, or above half the ceiling
+where slow start ended, up to it; and at least 4) cuts the cap by one request only, with no
+cool-down: the provider's limit is known to be there, the cap itself meters the requests, and
+halving again (or pausing) would idle part of it while the cap climbs back. This finds a
+provider's hidden concurrency limit (DeepSeek answers 429 without any headers) unaided.
+Against a hidden limit of 40 the simulation in the tests keeps all of it in flight on average
+(the cap is 40 or 41) with about 0.3% of requests answered 429 (cutting to 0.85 at a known
+ceiling and probing it every other round trip kept 94%, halving at every 429 87%; plain
+additive increase would average 75%).
 
 **Memory across runs.** A run records what it learned (:class:`LearnedLimit`: the cap it
 ended with and the ceiling where its last cut came) and the next run of the job against the
@@ -63,12 +60,8 @@ of slot ``k`` (drawn from the injected random source). Grants that come later an
 the cap, just cut, meters them, lose nothing.
 
 **Waiting.** :meth:`LimiterState.try_acquire` answers with a :class:`Grant`, a :class:`Wait`
-(with the exact time at which time alone would let the request through, or ``None`` when only a
-release can), or :class:`NeverFits`. :class:`Limiter` keeps a FIFO queue of waiters, each with
-its own :class:`anyio.Event`; releases hand capacity to the head of the queue directly, and only
-the head sleeps, until exactly that time. There is no polling loop. A large request at the head
-is not overtaken by smaller ones behind it, so it cannot starve. A waiter cancelled after it
-was handed a grant gives the grant back as if it had never been made.
+(when time alone would let the request through; ``None``: only a release can), or
+:class:`NeverFits`; :mod:`pipeline.provider.limiter` makes tasks wait on that.
 """
 
 from __future__ import annotations
@@ -331,10 +324,9 @@ class LimiterState:
         self._ids = itertools.count(1)
         # In-flight cap.
         self._cap = float(config.start_cap)
-        # The cap at the last cut; None: still in slow start.
-        self._ceiling: float | None = (
-            None if config.known_ceiling is None else float(config.known_ceiling)
-        )
+        known = config.known_ceiling  # the cap at the last cut; None: still in slow start
+        self._ceiling: float | None = None if known is None else float(known)
+        self._overshot = False  # the ceiling is slow start's (see _near_ceiling)
         self._epoch = 0
         self._open: set[int] = set()
         # Requests/min and tokens/min budgets.
@@ -556,6 +548,7 @@ class LimiterState:
         cut = grant.epoch == self._epoch and not rate_exhausted(headers, grant.tokens)
         gentle = cut and level >= GENTLE_MIN_CAP and self._near_ceiling(level)
         if cut:
+            self._overshot = self._ceiling is None
             self._ceiling = level
             self._cap = max(1.0, level - 1.0 if gentle else level * self.config.decrease_factor)
             self._epoch += 1
@@ -569,11 +562,16 @@ class LimiterState:
             self._cut_streak += 1
 
     def _near_ceiling(self, level: float) -> bool:
-        """Whether ``level`` (the cap, or what was in flight) is back where the last 429
-        came (within 10%, or 2 requests): the provider's limit is known there, so a gentle
-        cut suffices."""
+        """Whether ``level`` (what was in flight) is back where the last 429 came (within
+        10%, or 2 requests), or, after the cut that ended slow start, above half that ceiling
+        up to it (slow start overshoots, the more so in a cluster, whose workers report their
+        429s late): the provider's limit is known there, so a gentle cut suffices."""
         ceiling = self._ceiling
-        return ceiling is not None and abs(level - ceiling) <= max(2.0, 0.1 * ceiling)
+        if ceiling is None:
+            return False
+        return abs(level - ceiling) <= max(2.0, 0.1 * ceiling) or (
+            self._overshot and ceiling / 2 < level <= ceiling
+        )
 
     def _measure(self, latency_s: float) -> None:
         """Smooth the round-trip time like TCP does (weight 1/8 for each new sample)."""
