@@ -21,11 +21,12 @@ more than its share), within ``GIVE_BACK_S``; it holds no permit, or fewer than 
 (by more than an eighth) while the last answer said some are free for it (at once, then less
 often while such calls bring nothing); it could use more permits than it holds while the
 cluster's cap climbs (slow start, or back up to the ceiling of the last cut), or fewer than its
-share (by more than an eighth), or a larger rate
-share (*hungry*: once it finished ``HUNGRY_ROUND_TRIPS`` round trips of its own requests, at
-least ``HUNGRY_MIN_REPORTS``, and after ``HUNGRY_SPARE_S``, doubled after each call that
-brought nothing, up to ``HUNGRY_MAX_S``; at least ``HUNGRY_S`` while none is free); or a third
-of the lease's time-to-live has passed (the lease must not expire). At the cap's ceiling a
+share (by more than an eighth), or a larger rate share (*hungry*: once it finished
+``HUNGRY_ROUND_TRIPS`` round trips of its own requests, at least ``HUNGRY_MIN_REPORTS``, and
+after ``HUNGRY_SPARE_S``, doubled after each call that brought nothing, up to
+``HUNGRY_MAX_S``; at least ``HUNGRY_S`` while none is free, but for slow start, in which each
+call brings more); or a third of the lease's time-to-live has passed (the lease must not
+expire). At the cap's ceiling a
 worker that wants more does not call for it: the cap only probes there, and the permit it
 grows by goes out with the next batch; but when the last answer said another worker is about
 to leave, it calls ``LEAVE_S`` after that (at least ``HUNGRY_SPARE_S`` after its last call).
@@ -441,7 +442,7 @@ class ShardLink(_Permits):
         if rate or (permits and len(self._reports) >= self._hungry_reports()):
             # Hungry: the cluster's cap may have grown, or another worker's shard ended.
             hungry_s = self._hungry_wait_s
-            if permits and not rate and not self.spare:
+            if permits and not rate and not self.spare and not self._slow_start():
                 hungry_s = max(hungry_s, HUNGRY_S)
             return max(0.0, min(soon, self._ttl_s / 3, hungry_s) - since)
         wanting = self.waiting > 0 and self.in_use >= self.held and self.held < self.demand()
@@ -455,6 +456,16 @@ class ShardLink(_Permits):
     def _hungry_reports(self) -> int:
         """Requests a hungry worker finishes between calls (at least)."""
         return max(HUNGRY_MIN_REPORTS, HUNGRY_ROUND_TRIPS * self.held)
+
+    def _slow_start(self) -> bool:
+        """Whether the cluster's cap is in slow start (no 429 yet, below ``max_in_flight``):
+        it doubles per round trip as the workers report, so the next call brings more."""
+        snapshot = self._snapshot
+        return (
+            snapshot is not None
+            and snapshot.ceiling is None
+            and snapshot.cap < snapshot.max_in_flight
+        )
 
     def _may_grow(self) -> bool:
         """Whether a call could bring more permits: some were free at the last answer, or
