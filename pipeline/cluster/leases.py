@@ -323,7 +323,8 @@ class LeaseBook:
         for report in call.reports:
             self._report(now, lease, report, age_s=call.sent_at - report.finished_at)
         self._rebalance(now, lease)
-        self._settle_dollars(lease, call)
+        if self.budget is not None:
+            self.unknown_spend |= _settle(self.budget, lease, call)
         if call.leaving:
             self._close(now, lease, spend_reserved=False)
             if self.rates is not None:
@@ -338,7 +339,7 @@ class LeaseBook:
             if grant is None:
                 break
             lease.grants.append(grant)
-        dollars = self._lend(lease, call)
+        dollars = ZERO if self.budget is None else _lend(self.budget, lease, call)
         reply = self._reply(now, permits=lease.permits, share=share, dollars=dollars)
         if lease.permits >= min(share, lease.reach):
             # Free permits, but none for this worker until its next call: it holds its share,
@@ -546,38 +547,6 @@ class LeaseBook:
                 self.budget.spent += lease.reserved
         lease.dollars = lease.reserved = ZERO
 
-    # -- dollars --------------------------------------------------------------------------------
-
-    def _settle_dollars(self, lease: _Lease, call: SyncCall) -> None:
-        if self.budget is None:
-            return
-        spent = call.settled_reserved if call.spent is None else call.spent
-        if call.spent is None:
-            self.unknown_spend = True
-        # What the worker settled and gave back leaves its lease; what was spent is spent.
-        self.budget.reserved -= call.settled_reserved + call.returned
-        self.budget.spent += spent
-        lease.dollars -= call.settled_reserved + call.returned
-        lease.reserved = call.reserved
-
-    def _lend(self, lease: _Lease, call: SyncCall) -> Decimal:
-        """Dollars for the worker's next requests; exhausts the budget when one request's
-        worst case no longer fits beside what is spent."""
-        budget = self.budget
-        if budget is None:
-            return ZERO
-        if call.need > ZERO and budget.spent + call.need > budget.cap:
-            budget.exhausted = True
-        if budget.exhausted:
-            return ZERO
-        free = budget.cap - budget.spent - budget.reserved
-        lent = max(ZERO, min(call.dollars_wanted, free))
-        if lent < call.need:
-            return ZERO  # the worker waits for requests in flight to settle, holding nothing
-        budget.reserved += lent
-        lease.dollars += lent
-        return lent
-
     def _reply(self, now: float, *, permits: int, share: int, dollars: Decimal) -> SyncReply:
         snapshot = self.state.snapshot(now)
         return SyncReply(
@@ -590,3 +559,33 @@ class LeaseBook:
             ttl_s=self.ttl_s,
             spare=self._room() and snapshot.cooling_until is None,
         )
+
+
+# -- dollars ------------------------------------------------------------------------------------
+
+
+def _settle(budget: Budget, lease: _Lease, call: SyncCall) -> bool:
+    """The dollars a call settled and gave back; whether a spend in it is unknown."""
+    spent = call.settled_reserved if call.spent is None else call.spent
+    # What the worker settled and gave back leaves its lease; what was spent is spent.
+    budget.reserved -= call.settled_reserved + call.returned
+    budget.spent += spent
+    lease.dollars -= call.settled_reserved + call.returned
+    lease.reserved = call.reserved
+    return call.spent is None
+
+
+def _lend(budget: Budget, lease: _Lease, call: SyncCall) -> Decimal:
+    """Dollars for the worker's next requests; exhausts the budget when one request's worst
+    case no longer fits beside what is spent."""
+    if call.need > ZERO and budget.spent + call.need > budget.cap:
+        budget.exhausted = True
+    if budget.exhausted:
+        return ZERO
+    free = budget.cap - budget.spent - budget.reserved
+    lent = max(ZERO, min(call.dollars_wanted, free))
+    if lent < call.need:
+        return ZERO  # the worker waits for requests in flight to settle, holding nothing
+    budget.reserved += lent
+    lease.dollars += lent
+    return lent
