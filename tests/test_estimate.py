@@ -163,6 +163,13 @@ def test_plan_with_bodies_plans_as_the_planner(job: str, data: Path) -> None:
         planned, bodies = plan_with_bodies(planner, batch, start)
         assert planned == list(planner.plan(batch, start))
         assert bodies == [json.loads(row.body) for row in planned if row.body is not None]
+        # Without keys (an estimate whose journal holds no result): the same rows and bodies.
+        unkeyed, same = plan_with_bodies(planner, batch, start, keyed=False)
+        assert same == bodies
+        assert [(r.row, r.id, r.failure, r.body is None) for r in unkeyed] == [
+            (r.row, r.id, r.failure, r.body is None) for r in planned
+        ]
+        assert {r.key for r in unkeyed} == {""}
         start += batch.num_rows
     assert start > 0
 

@@ -227,13 +227,14 @@ def tokenize_bodies(bodies: Sequence[Mapping[str, Any]]) -> _Counted:
 
 
 def plan_with_bodies(
-    planner: Planner | BatchPlanner, batch: pa.RecordBatch, start: int
+    planner: Planner | BatchPlanner, batch: pa.RecordBatch, start: int, *, keyed: bool = True
 ) -> tuple[list[PlannedRow], list[dict[str, Any]]]:
     """``planner.plan(batch, start)``, and the body of each row that has one, as a dict
-    (decoding the JSON just encoded would cost more than the encoding itself)."""
+    (decoding the JSON just encoded would cost more than the encoding itself); not
+    ``keyed``: without request keys or encoded bodies."""
     rows: list[PlannedRow] = []
     bodies: list[dict[str, Any]] = []
-    for planned, body in planner.plan_bodies(batch, start):
+    for planned, body in planner.plan_bodies(batch, start, keyed=keyed):
         rows.append(planned)
         if body is not None:
             bodies.append(body)
@@ -352,9 +353,10 @@ def compute_estimate(
     def prepared() -> Iterator[_Prepared]:
         start = 0
         known = journal.results_for("result")
+        keyed = bool(journal.result_buckets())  # no result to match: no key needed
         for batch in context.input_batches(scan):
-            planned, bodies = plan_with_bodies(context.planner, batch, start)
-            matched = [known.get(row.row, row.key) for row in planned]
+            planned, bodies = plan_with_bodies(context.planner, batch, start, keyed=keyed)
+            matched = [known.get(row.row, row.key) if keyed else None for row in planned]
             yield _Prepared(batch, start, planned, matched, bodies)
             start += batch.num_rows
 

@@ -342,9 +342,10 @@ class BatchPlanner:
             yield planned
 
     def plan_bodies(
-        self, batch: pa.RecordBatch, start: int
+        self, batch: pa.RecordBatch, start: int, *, keyed: bool = True
     ) -> Iterator[tuple[PlannedRow, dict[str, Any] | None]]:
-        """Planned rows with each body as a dict too (None when the row cannot be sent)."""
+        """Planned rows with each body as a dict too (None when the row cannot be sent); not
+        ``keyed``, as :meth:`pipeline.rows.plan.Planner.plan_bodies`."""
         ids = batch.column("custom_id").to_pylist()
         bodies = batch.column("body").to_pylist()
         for offset, (custom_id, text) in enumerate(zip(ids, bodies, strict=True)):
@@ -352,12 +353,13 @@ class BatchPlanner:
             row_id = str(index) if custom_id is None else str(custom_id)
             failure = self._unplannable(custom_id, text)
             if failure is not None:
-                yield (
-                    PlannedRow(index, request_key(self.url, b"", row_id), None, failure, id=row_id),
-                    None,
-                )
+                key = request_key(self.url, b"", row_id) if keyed else ""
+                yield PlannedRow(index, key, None, failure, id=row_id), None
                 continue
             body = self.body(json.loads(text))
+            if not keyed:
+                yield PlannedRow(index, "", b"", None, id=row_id), body
+                continue
             encoded = encode_body(body)
             yield (
                 PlannedRow(index, request_key(self.url, encoded, row_id), encoded, None, id=row_id),
