@@ -11,9 +11,10 @@ it. Its limiter lets a request go while the worker uses fewer permits than it ho
 finished request's permit goes to the next one at once, and its outcome waits for the next
 call. A 429 hands its permit back (what the worker sends falls at once) and makes a call due
 within ``GIVE_BACK_S``, which tells the coordinator (its cap is cut once per congestion
-epoch, as on one machine); the 429s of a burst go in that one call. Its budget reserves each
-request's worst case from the dollars the coordinator leased; when they run short, the
-request waits for the next call, which the shortage makes happen at once.
+epoch, as on one machine); the 429s of a burst go in that one call. In slow start (no 429
+yet) the call goes at once: the other workers' leases grow at every call until it does. Its
+budget reserves each request's worst case from the dollars the coordinator leased; when they
+run short, the request waits for the next call, which the shortage makes happen at once.
 
 The worker calls the coordinator when one of these holds, at most every ``min_interval_s``:
 it waits for dollars; ``batch`` outcomes are waiting; it gave permits back (a 429, or it holds
@@ -308,8 +309,8 @@ class ShardLink(_Permits):
         self.last = True
         """No shard follows this one for the worker (near its end, it wants fewer permits)."""
         self.calls = 0
-        self._soon = False
-        """Permits were given back: a call is due within ``GIVE_BACK_S``."""
+        self._give_back_s = math.inf
+        """Permits were given back: a call is due this long after the last one."""
 
     def begin_shard(self, *, last: bool) -> None:
         """A new shard starts on this worker (with its own event loop): its figures start
@@ -390,8 +391,10 @@ class ShardLink(_Permits):
         if give_back:
             # The 429 (which may cut the cluster's cap, once per epoch) and the permit go back
             # with a call within GIVE_BACK_S: the permit given back already lowered what this
-            # worker sends, and the 429s of a burst go in one call.
-            self._soon = True
+            # worker sends, and the 429s of a burst go in one call. The first 429s of a run
+            # go at once: in slow start the other workers' leases grow at every call.
+            news = outcome == "rate_limited" and self._slow_start()
+            self._give_back_s = min(self._give_back_s, 0.0 if news else GIVE_BACK_S)
             self._wake()
         elif len(self._reports) in (self._batch, self._hungry_reports()):
             self._wake()  # a batch to report, or a hungry call may be due
@@ -424,7 +427,7 @@ class ShardLink(_Permits):
         if wants:
             return max(0.0, self._min_interval_s - since)
         # Each way below gives when the call is due, in seconds after the last one.
-        soon = max(self._min_interval_s, GIVE_BACK_S) if self._soon else math.inf
+        soon = max(self._min_interval_s, self._give_back_s)
         # A share moves by one as the cap probes its ceiling, and a 429 takes a permit: within
         # an eighth of its share, a worker does not call for more (such calls would cost more
         # than they bring; the next call for another reason brings it).
@@ -487,7 +490,7 @@ class ShardLink(_Permits):
         spent, self._spent = self._spent, ZERO
         settled, self._settled_reserved = self._settled_reserved, ZERO
         need, self._need = self._need, ZERO
-        self._soon = False
+        self._give_back_s = math.inf
         want = 0 if leaving else self.demand()
         per_request = max(self._largest, need)
         call = SyncCall(

@@ -89,6 +89,9 @@ class ShardedJournal(Journal):
             if shard.state_path(root).exists()
         ]
 
+    def has_results(self) -> bool:
+        return any(journal.has_results() for _, journal in self._parts)
+
     def iter_results(self) -> Iterator[RowResult]:
         for _, journal in self._parts:
             yield from journal.iter_results()

@@ -353,7 +353,7 @@ def compute_estimate(
     def prepared() -> Iterator[_Prepared]:
         start = 0
         known = journal.results_for("result")
-        keyed = bool(journal.result_buckets())  # no result to match: no key needed
+        keyed = journal.has_results()  # no result to match: no key needed
         for batch in context.input_batches(scan):
             planned, bodies = plan_with_bodies(context.planner, batch, start, keyed=keyed)
             matched = [known.get(row.row, row.key) if keyed else None for row in planned]

@@ -242,6 +242,10 @@ class Journal:
         """Buckets that hold results, in order."""
         return sorted(int(p.stem) for p in self.results_dir.glob("*.jsonl") if p.stem.isdigit())
 
+    def has_results(self) -> bool:
+        """Whether any result was recorded."""
+        return bool(self.result_buckets())
+
     def iter_results(self) -> Iterator[RowResult]:
         """Every result ever recorded, bucket by bucket (superseded ones included)."""
         for bucket in self.result_buckets():
