@@ -41,6 +41,8 @@ from pipeline.state.timeline import (
     Timeline,
 )
 
+NOTHING = Decimal(0)
+"""What an attempt reserves from no budget."""
 WORST_COSTS_KEPT = 4096
 """Costs remembered, at most: a :class:`Pricing`'s worst costs (one per distinct prompt
 length), and :class:`Accounts`' costs of answers (one per distinct usage)."""
@@ -214,7 +216,7 @@ class Accounts:
         Raises :class:`OverBudget` when the run stops at the budget, and
         :class:`~pipeline.provider.limits.NeverFitsError` when the request can never fit."""
         tokens = self.pricing.tokens(row)
-        worst = await self._reserve(row)
+        worst = NOTHING if self.budget is None else await self._reserve(row)
         price = self.pricing.now()
         try:
             grant = await self._limiter.acquire(tokens)
@@ -310,7 +312,7 @@ class Accounts:
         """Reserve an attempt's worst-case cost from the budget, waiting while requests in
         flight hold the room it needs; raise if it cannot fit at all."""
         if self.budget is None:
-            return Decimal(0)
+            return NOTHING
         worst = self.pricing.worst_cost_of(row.body, row.prompt_tokens) or Decimal(0)
         while True:
             decision = self.budget.reserve(worst)
