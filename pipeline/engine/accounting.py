@@ -16,7 +16,7 @@ one that never left; it counts as unanswered until its result is recorded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 import anyio
@@ -40,6 +40,12 @@ from pipeline.state.timeline import (
     TIMEOUT,
     Timeline,
 )
+
+NOTHING = Decimal(0)
+"""What an attempt reserves from no budget."""
+WORST_COSTS_KEPT = 4096
+"""Costs remembered, at most: a :class:`Pricing`'s worst costs (one per distinct prompt
+length), and :class:`Accounts`' costs of answers (one per distinct usage)."""
 
 
 class OverBudget(Exception):
@@ -66,11 +72,12 @@ class RowProgress:
     def bill(self, usage: Usage, parts: CostParts | None) -> Decimal | None:
         """Count one billed answer costing ``parts``; returns its cost (None when the price
         is unknown)."""
-        self.usage = self.usage + usage
+        self.usage = usage if self.usage is ZERO_USAGE else self.usage + usage
         if parts is None:
             return None
-        self.cost += parts.total
-        return parts.total
+        total = parts.total
+        self.cost += total
+        return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,12 @@ class Pricing:
     """The job's ``max_tokens``: what a tokens/min budget reserves for each answer."""
     attempts_per_row: int = 1
     """How many answers one row may be billed for (1 + the re-asks of a structured job)."""
+    _worst: dict[int, Decimal | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """:meth:`worst_cost` by prompt tokens, for a price without an off-peak window: every
+    request computed it again (Decimal arithmetic, some 2 us of each request's CPU), and a
+    job's prompts have few distinct lengths."""
 
     def now(self) -> Price | None:
         """The price in effect for a request sent now (prices may have time windows)."""
@@ -107,8 +120,16 @@ class Pricing:
         """What one request can cost at most: its prompt and the longest answer."""
         if prompt_tokens is None or self.max_output is None:
             return None
+        fixed = self.price is None or self.price.off_peak is None  # the same at any hour
+        if fixed and prompt_tokens in self._worst:
+            return self._worst[prompt_tokens]
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.max_output)
-        return cost(usage, self.now())
+        worst = cost(usage, self.now())
+        if fixed:
+            if len(self._worst) >= WORST_COSTS_KEPT:  # bounded, whatever the prompts
+                self._worst.clear()
+            self._worst[prompt_tokens] = worst
+        return worst
 
     def worst_cost_of(self, body: bytes, prompt_tokens: int) -> Decimal | None:
         """What one request can cost at most, its longest answer read from its own body when
@@ -176,6 +197,8 @@ class Accounts:
         """Requests recorded as sent whose result is not recorded (yet)."""
         self.unanswered_worst: Decimal | None = Decimal(0)
         """What they can cost at most (None: unknown)."""
+        self._parts: dict[Usage, CostParts] = {}
+        """Costs of usages at the job's price (see :meth:`_cost_parts`)."""
 
     def intent(self, planned: PlannedRow) -> Intent:
         """What is recorded before a row's first request goes out."""
@@ -193,7 +216,7 @@ class Accounts:
         Raises :class:`OverBudget` when the run stops at the budget, and
         :class:`~pipeline.provider.limits.NeverFitsError` when the request can never fit."""
         tokens = self.pricing.tokens(row)
-        worst = await self._reserve(row)
+        worst = NOTHING if self.budget is None else await self._reserve(row)
         price = self.pricing.now()
         try:
             grant = await self._limiter.acquire(tokens)
@@ -245,8 +268,7 @@ class Accounts:
             if attempt.status is not None:
                 spent = Decimal(0)
             if attempt.usage is not None:
-                price = ticket.price
-                parts = None if price is None else cost_parts(attempt.usage, price)
+                parts = self._cost_parts(attempt.usage, ticket.price)
                 spent = row.bill(attempt.usage, parts)
                 self._stats.add_billed(parts)
             if attempt.ok:
@@ -271,11 +293,26 @@ class Accounts:
                 retry_after_s=None if attempt is None else attempt.retry_after_s,
             )
 
+    def _cost_parts(self, usage: Usage, price: Price | None) -> CostParts | None:
+        """What ``usage`` costs at ``price``; remembered for the job's own price (a price
+        without an off-peak window, the same object every time), since answers repeat a few
+        token counts and the Decimal arithmetic was a microsecond of every answer."""
+        if price is None:
+            return None
+        if price is not self.pricing.price:
+            return cost_parts(usage, price)
+        parts = self._parts.get(usage)
+        if parts is None:
+            if len(self._parts) >= WORST_COSTS_KEPT:
+                self._parts.clear()
+            parts = self._parts[usage] = cost_parts(usage, price)
+        return parts
+
     async def _reserve(self, row: RowProgress) -> Decimal:
         """Reserve an attempt's worst-case cost from the budget, waiting while requests in
         flight hold the room it needs; raise if it cannot fit at all."""
         if self.budget is None:
-            return Decimal(0)
+            return NOTHING
         worst = self.pricing.worst_cost_of(row.body, row.prompt_tokens) or Decimal(0)
         while True:
             decision = self.budget.reserve(worst)

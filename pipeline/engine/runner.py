@@ -44,6 +44,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from pipeline.engine.accounting import Accounts
 from pipeline.engine.context import JobContext
 from pipeline.engine.control import RunControl
+from pipeline.engine.handoff import WorkQueue
 from pipeline.engine.report import Reporter, RunReport
 from pipeline.engine.sender import RowSender, answer_rules, retry_policy
 from pipeline.engine.shared import SharedLimits, forget_cluster_runs, refuse_after_cluster
@@ -112,18 +113,11 @@ def _pipeline_error(group: BaseExceptionGroup[BaseException]) -> PipelineError |
     return None
 
 
-async def _hand_on(
-    work: MemoryObjectSendStream[PlannedRow], planned: PlannedRow, *, first: bool
-) -> bool:
-    """Give ``planned`` to the workers, without ``send()``'s yield first while they keep up
-    (but with its check for a cancellation); after the run's first row, yield once, so that
-    its request goes out (on the connection opened while the first batch was planned) before
-    the other workers start. False."""
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    try:
-        work.send_nowait(planned)
-    except (anyio.WouldBlock, anyio.BrokenResourceError):
-        await work.send(planned)  # waits for room, or fails as it always did
+async def _hand_on(work: WorkQueue, planned: PlannedRow, *, first: bool) -> bool:
+    """Give ``planned`` to the workers; after the run's first row, yield once, so that its
+    request goes out (on the connection opened while the first batch was planned) before the
+    other workers start. False."""
+    await work.put(planned)
     if first:
         await anyio.lowlevel.checkpoint()
     return False
@@ -289,7 +283,7 @@ class Runner:
     async def _send_all(self, scan: InputScan, stats: RunStats, writer: ResultWriter) -> None:
         """Send every row to send and make its result durable (and written, with an output)."""
         size = self.job.limits.max_in_flight
-        work_send, work_recv = anyio.create_memory_object_stream[PlannedRow](size)
+        work_queue = WorkQueue(size)
         result_send, result_recv = anyio.create_memory_object_stream[RowResult](size)
         intents = IntentLog(self.context.journal)
         timeline = Timeline(self.context.state.folder, self._run_id, clock=self._clock)
@@ -356,13 +350,12 @@ class Runner:
                                 stats=stats,
                                 writer=writer,
                                 sender=sender,
-                                work=work_send,
+                                work=work_queue,
                                 results=result_send.clone(),
                             )
                         )
                         for _ in range(size):
-                            work.start_soon(sender.work, work_recv.clone(), result_send.clone())
-                        work_recv.close()
+                            work.start_soon(sender.work, work_queue, result_send.clone())
                     intents.close()
                 outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -382,7 +375,7 @@ class Runner:
         stats: RunStats,
         writer: ResultWriter,
         sender: RowSender,
-        work: MemoryObjectSendStream[PlannedRow],
+        work: WorkQueue,
         results: MemoryObjectSendStream[RowResult],
     ) -> None:
         """Read the input, skip rows earlier runs finished, and hand the rest to the workers

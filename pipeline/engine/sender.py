@@ -18,10 +18,11 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.engine.accounting import Accounts, OverBudget, RowProgress
 from pipeline.engine.control import RunControl
+from pipeline.engine.handoff import WorkQueue
 from pipeline.engine.stats import RunStats
 from pipeline.errors import AuthError, ProviderError
 from pipeline.job.spec import JobSpec
@@ -97,30 +98,18 @@ class RowSender:
         self._answered = False
         self._unreachable = 0
 
-    async def work(
-        self,
-        rows: MemoryObjectReceiveStream[PlannedRow],
-        results: MemoryObjectSendStream[RowResult],
-    ) -> None:
-        """One worker: send the rows it receives, one at a time, and pass on their results.
+    async def work(self, rows: WorkQueue, results: MemoryObjectSendStream[RowResult]) -> None:
+        """One worker: send the rows it takes, one at a time, and pass on their results.
 
-        A row waiting in the stream is taken, and a result handed on, without the extra yield
-        to the event loop that ``receive()`` and ``send()`` make first (two task steps a row,
-        some 5% of a run's CPU at 256 in flight), but with their check for a cancellation: a
-        cancelled run starts no request."""
-        async with rows, results:
+        A row waiting is taken (:meth:`WorkQueue.take`), and a result handed on, without the
+        extra yield to the event loop that a stream's ``receive()`` and ``send()`` make first
+        (two task steps a row, some 5% of a run's CPU at 256 in flight), but with their check
+        for a cancellation: a cancelled run starts no request."""
+        async with results:
             while True:
-                try:
-                    planned = rows.receive_nowait()
-                except anyio.WouldBlock:
-                    try:
-                        planned = await rows.receive()
-                    except anyio.EndOfStream:
-                        return
-                except anyio.EndOfStream:
+                planned = await rows.take()
+                if planned is None:
                     return
-                else:
-                    await anyio.lowlevel.checkpoint_if_cancelled()
                 if self._control.stopping:
                     continue  # drain what was queued without sending it
                 intent = self._accounts.intent(planned)

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from pipeline.money.pricing import ZERO_COST, ZERO_USAGE, CostParts, Usage
+from pipeline.money.pricing import ZERO_USAGE, CostParts, Usage
 from pipeline.provider.limiter import Limiter
 from pipeline.provider.limits import LimiterSnapshot
 from pipeline.results import RowResult
+
+ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,15 +81,35 @@ class RunStats:
     retries: int = 0
     rate_limited: int = 0
     in_flight: int = 0
-    usage: Usage = ZERO_USAGE
     cost_unknown: bool = False
     reasks: int = 0
     truncated: int = 0
-    parts: CostParts = ZERO_COST
     started: float = field(default=0.0)
+    _tokens: list[int] = field(default_factory=lambda: [0, 0, 0, 0], init=False, repr=False)
+    """The results' prompt, completion, cached and reasoning tokens, summed as they come
+    (a new :class:`Usage` per result cost a microsecond of each request)."""
+    _dollars: list[Decimal] = field(default_factory=lambda: [ZERO] * 3, init=False, repr=False)
+    """The billed answers' uncached input, cached input and output dollars, likewise."""
 
     def __post_init__(self) -> None:
         self.started = self.clock()
+
+    @property
+    def usage(self) -> Usage:
+        """The tokens of every result so far."""
+        prompt, completion, cached, reasoning = self._tokens
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning,
+        )
+
+    @property
+    def parts(self) -> CostParts:
+        """The cost of every billed answer so far, by what is billed."""
+        uncached, cached, output = self._dollars
+        return CostParts(uncached_input=uncached, cached_input=cached, output=output)
 
     def add_result(self, result: RowResult) -> None:
         if result.status == "ok":
@@ -96,7 +118,12 @@ class RunStats:
             self.failed += 1
             if result.finish_reason == "length":
                 self.truncated += 1
-        self.usage = self.usage + result.usage
+        usage, tokens = result.usage, self._tokens
+        if usage is not ZERO_USAGE:
+            tokens[0] += usage.prompt_tokens
+            tokens[1] += usage.completion_tokens
+            tokens[2] += usage.cached_tokens
+            tokens[3] += usage.reasoning_tokens
         if result.cost_usd is None:
             self.cost_unknown = True
 
@@ -107,7 +134,10 @@ class RunStats:
         if parts is None:
             self.cost_unknown = True
         else:
-            self.parts = self.parts + parts
+            dollars = self._dollars
+            dollars[0] += parts.uncached_input
+            dollars[1] += parts.cached_input
+            dollars[2] += parts.output
 
     def add_resumed(self, *, ok: int, failed: int) -> None:
         """Rows that earlier runs finished (ok or failed), skipped by this run."""

@@ -53,26 +53,28 @@ RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
 
 
 def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
-    """Columns of :data:`RESULT_SCHEMA` for ``results``, in order."""
-    columns: dict[str, list[object]] = {name: [] for name in RESULT_COLUMNS}
-    for r in results:
-        columns["status"].append(r.status)
-        columns["response"].append(r.response)
-        columns["reasoning"].append(r.reasoning)
-        columns["finish_reason"].append(r.finish_reason)
-        columns["prompt_tokens"].append(r.usage.prompt_tokens)
-        columns["completion_tokens"].append(r.usage.completion_tokens)
-        columns["cached_tokens"].append(r.usage.cached_tokens)
-        columns["reasoning_tokens"].append(r.usage.reasoning_tokens)
-        columns["cost_usd"].append(None if r.cost_usd is None else float(r.cost_usd))
-        columns["attempts"].append(r.attempts)
-        columns["latency_ms"].append(r.latency_ms)
-        columns["error"].append(r.error)
-        columns["http_status"].append(r.http_status)
-        columns["model"].append(r.model)
-        columns["reasks"].append(r.reasks)
-        columns["tool_calls"].append([call.to_dict() for call in r.tool_calls] or None)
-        columns["response_id"].append(r.response_id)
+    """Columns of :data:`RESULT_SCHEMA` for ``results``, in order (one list per column, each
+    made in one pass: half the work of appending every field of every row to its list)."""
+    usages = [r.usage for r in results]
+    columns: dict[str, list[object]] = {
+        "status": [r.status for r in results],
+        "response": [r.response for r in results],
+        "reasoning": [r.reasoning for r in results],
+        "finish_reason": [r.finish_reason for r in results],
+        "prompt_tokens": [u.prompt_tokens for u in usages],
+        "completion_tokens": [u.completion_tokens for u in usages],
+        "cached_tokens": [u.cached_tokens for u in usages],
+        "reasoning_tokens": [u.reasoning_tokens for u in usages],
+        "cost_usd": [None if r.cost_usd is None else float(r.cost_usd) for r in results],
+        "attempts": [r.attempts for r in results],
+        "latency_ms": [r.latency_ms for r in results],
+        "error": [r.error for r in results],
+        "http_status": [r.http_status for r in results],
+        "model": [r.model for r in results],
+        "reasks": [r.reasks for r in results],
+        "tool_calls": [[call.to_dict() for call in r.tool_calls] or None for r in results],
+        "response_id": [r.response_id for r in results],
+    }
     return [pa.array(columns[field.name], type=field.type) for field in RESULT_SCHEMA]
 
 

@@ -391,9 +391,9 @@ class LimiterState:
             )
         if self.in_flight >= self.cap:
             return Wait(until=None, reason=f"{self.in_flight} in flight, the cap is {self.cap}")
-        ready, reason = self._ready_at(tokens)
-        if ready > now:
-            return Wait(until=ready, reason=reason)
+        ready = max(self._cool_until, self._ramp_next, self._rates.ready_at(tokens))
+        if ready > now:  # the reason's text only now: a grant needs none
+            return Wait(until=ready, reason=self._ready_at(tokens)[1])
         return self._grant(now, tokens)
 
     def next_change(self, now: float, tokens: int = 0) -> float | None:

@@ -239,6 +239,10 @@ class RateWindow:
         """How long an empty budget holds grants when the headers give no reset time."""
         self._server_rpm: int | None = None
         self._server_tpm: int | None = None
+        self.requests_per_minute = requests_per_minute
+        """The budget in force: configured, or lower when the server said so (kept, not
+        worked out on each of the several reads every request makes)."""
+        self.tokens_per_minute = tokens_per_minute
         self._log = _Log()
         self.requests_in_window = 0
         self.tokens_in_window = 0
@@ -246,15 +250,6 @@ class RateWindow:
         self._token_pacer: _Pacer | None = None
         self._hold_requests_until = -math.inf
         self._hold_tokens_until = -math.inf
-
-    @property
-    def requests_per_minute(self) -> int | None:
-        """The budget in force: configured, or lower when the server said so."""
-        return _lower(self._configured_rpm, self._server_rpm)
-
-    @property
-    def tokens_per_minute(self) -> int | None:
-        return _lower(self._configured_tpm, self._server_tpm)
 
     def advance(self, now: float) -> None:
         """Drop log entries older than the window; start the pacers of budgets now known."""
@@ -290,6 +285,13 @@ class RateWindow:
                 blocks.append((frees, f"{tpm} tokens in the last minute"))
             blocks.append((self._token_pacer.ready_at(tokens), "pacing tokens per minute"))
         return blocks
+
+    def ready_at(self, tokens: int) -> float:
+        """The latest time of :meth:`blocks`, without the reasons' text (a request that
+        goes needs none); with no budget known, only the holds can block."""
+        if self._request_pacer is None and self._token_pacer is None:
+            return max(self._hold_requests_until, self._hold_tokens_until)
+        return max(until for until, _ in self.blocks(tokens))
 
     def record(self, now: float, grant_id: int, tokens: int) -> None:
         """Charge a grant made now that reserves ``tokens``."""
@@ -328,10 +330,12 @@ class RateWindow:
         used up by a request of ``tokens`` that just came back."""
         if headers.limit_requests:
             self._server_rpm = headers.limit_requests
+            self.requests_per_minute = _lower(self._configured_rpm, self._server_rpm)
             if self._request_pacer is not None and self.requests_per_minute is not None:
                 self._request_pacer.resize(self.requests_per_minute, now)
         if headers.limit_tokens:
             self._server_tpm = headers.limit_tokens
+            self.tokens_per_minute = _lower(self._configured_tpm, self._server_tpm)
             if self._token_pacer is not None and self.tokens_per_minute is not None:
                 self._token_pacer.resize(self.tokens_per_minute, now)
         self.advance(now)  # creates pacers for budgets learned just now

@@ -19,17 +19,23 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _is_mapping(value: Any) -> bool:
+    """``isinstance(value, Mapping)``, with the JSON parser's ``dict`` answered first (the
+    check against the ABC costs several times as much, and a reply makes a dozen)."""
+    return isinstance(value, (dict, Mapping))  # dict first: an exact type, matched at once
+
+
 def parse_usage(usage: Any) -> Usage | None:
     """Token counts from an OpenAI- or DeepSeek-style ``usage`` object."""
-    if not isinstance(usage, Mapping):
+    if not _is_mapping(usage):
         return None
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     cached = _int(usage.get("prompt_cache_hit_tokens"))
-    if not cached and isinstance(prompt_details, Mapping):
+    if not cached and _is_mapping(prompt_details):
         cached = _int(prompt_details.get("cached_tokens"))
     reasoning = 0
-    if isinstance(completion_details, Mapping):
+    if _is_mapping(completion_details):
         reasoning = _int(completion_details.get("reasoning_tokens"))
     return Usage(
         prompt_tokens=_int(usage.get("prompt_tokens")),
@@ -115,15 +121,15 @@ def parse_reply(raw: bytes) -> tuple[Reply | None, Usage | None, str | None]:
         if stripped.lower().startswith((b"<!doctype", b"<html")):
             return None, None, "HTTP 200 with an HTML page instead of JSON"
         return None, None, "the response body is not complete JSON (truncated or malformed)"
-    if not isinstance(payload, Mapping):
+    if not _is_mapping(payload):
         return None, None, "the response body is not a JSON object"
     usage = parse_usage(payload.get("usage"))
     choices = payload.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+    if not isinstance(choices, list) or not choices or not _is_mapping(choices[0]):
         return None, usage, "the response has no choices"
     choice = choices[0]
     message = choice.get("message")
-    if not isinstance(message, Mapping):
+    if not _is_mapping(message):
         if isinstance(choice.get("text"), str):
             message = {"content": choice["text"]}
         else:
