@@ -431,10 +431,7 @@ class LeaseBook:
             workers={name: lease.progress for name, lease in self.leases.items()},
             permits={name: lease.permits for name, lease in self.leases.items()},
             expired=self.expired,
-            last_call_s={
-                name: max(0.0, now - (lease.expires - self.ttl_s))
-                for name, lease in self.leases.items()
-            },
+            last_call_s={name: max(0.0, now - lease.called) for name, lease in self.leases.items()},
         )
 
     def learned(self, now: float) -> LearnedLimit:

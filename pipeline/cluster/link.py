@@ -431,16 +431,12 @@ class ShardLink(_Permits):
         # A share moves by one as the cap probes its ceiling, and a 429 takes a permit: within
         # an eighth of its share, a worker does not call for more (such calls would cost more
         # than they bring; the next call for another reason brings it).
-        short = self.held < max(1, self.share - self.share // 8)
-        starved = self.waiting > 0 and self.in_use >= self.held and short
+        busy = self.waiting > 0 and self.in_use >= self.held  # requests wait for a permit
+        starved = busy and self.held < max(1, self.share - self.share // 8)
         if starved and (self.held == 0 or self.spare):
             return max(0.0, min(soon, self._starved_wait_s) - since)
-        permits = (
-            self.waiting > 0
-            and self.in_use >= self.held
-            and self.held < self.demand()
-            and (starved or self._may_grow())
-        )
+        wanting = busy and self.held < self.demand()
+        permits = wanting and (starved or self._may_grow())
         rate = self.waiting > 0 and not self._rates.full
         if rate or (permits and len(self._reports) >= self._hungry_reports()):
             # Hungry: the cluster's cap may have grown, or another worker's shard ended.
@@ -448,7 +444,6 @@ class ShardLink(_Permits):
             if permits and not rate and not self.spare and not self._slow_start():
                 hungry_s = max(hungry_s, HUNGRY_S)
             return max(0.0, min(soon, self._ttl_s / 3, hungry_s) - since)
-        wanting = self.waiting > 0 and self.in_use >= self.held and self.held < self.demand()
         if wanting and self._free_at is not None:
             # Another worker's last shard is expected to end then (and it to leave a little
             # later), freeing its permits.
@@ -480,7 +475,7 @@ class ShardLink(_Permits):
         if self.spare or snapshot is None:
             return True
         if snapshot.ceiling is None:
-            return snapshot.cap < snapshot.max_in_flight
+            return self._slow_start()
         return snapshot.cap < min(snapshot.max_in_flight, snapshot.ceiling - 1)
 
     async def sync(self, *, leaving: bool = False) -> SyncReply:

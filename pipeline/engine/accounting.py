@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TypeVar
 
 import anyio
 
@@ -46,6 +47,19 @@ NOTHING = Decimal(0)
 WORST_COSTS_KEPT = 4096
 """Costs remembered, at most: a :class:`Pricing`'s worst costs (one per distinct prompt
 length), and :class:`Accounts`' costs of answers (one per distinct usage)."""
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(kept: dict[K, V], key: K, value: V) -> V:
+    """Keep ``value`` under ``key``; ``kept`` is emptied first when it holds
+    ``WORST_COSTS_KEPT`` (bounded, whatever the keys)."""
+    if len(kept) >= WORST_COSTS_KEPT:
+        kept.clear()
+    kept[key] = value
+    return value
 
 
 class OverBudget(Exception):
@@ -125,11 +139,7 @@ class Pricing:
             return self._worst[prompt_tokens]
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.max_output)
         worst = cost(usage, self.now())
-        if fixed:
-            if len(self._worst) >= WORST_COSTS_KEPT:  # bounded, whatever the prompts
-                self._worst.clear()
-            self._worst[prompt_tokens] = worst
-        return worst
+        return _remember(self._worst, prompt_tokens, worst) if fixed else worst
 
     def worst_cost_of(self, body: bytes, prompt_tokens: int) -> Decimal | None:
         """What one request can cost at most, its longest answer read from its own body when
@@ -216,7 +226,8 @@ class Accounts:
         Raises :class:`OverBudget` when the run stops at the budget, and
         :class:`~pipeline.provider.limits.NeverFitsError` when the request can never fit."""
         tokens = self.pricing.tokens(row)
-        worst = NOTHING if self.budget is None else await self._reserve(row)
+        budget = self.budget
+        worst = NOTHING if budget is None else await self._reserve(budget, row)
         price = self.pricing.now()
         try:
             grant = await self._limiter.acquire(tokens)
@@ -302,20 +313,14 @@ class Accounts:
         if price is not self.pricing.price:
             return cost_parts(usage, price)
         parts = self._parts.get(usage)
-        if parts is None:
-            if len(self._parts) >= WORST_COSTS_KEPT:
-                self._parts.clear()
-            parts = self._parts[usage] = cost_parts(usage, price)
-        return parts
+        return _remember(self._parts, usage, cost_parts(usage, price)) if parts is None else parts
 
-    async def _reserve(self, row: RowProgress) -> Decimal:
-        """Reserve an attempt's worst-case cost from the budget, waiting while requests in
+    async def _reserve(self, budget: Budget, row: RowProgress) -> Decimal:
+        """Reserve an attempt's worst-case cost from ``budget``, waiting while requests in
         flight hold the room it needs; raise if it cannot fit at all."""
-        if self.budget is None:
-            return NOTHING
         worst = self.pricing.worst_cost_of(row.body, row.prompt_tokens) or Decimal(0)
         while True:
-            decision = self.budget.reserve(worst)
+            decision = budget.reserve(worst)
             if decision == "reserved":
                 return worst
             if decision == "exhausted":
