@@ -106,6 +106,19 @@ def resent_by_server(stats: dict[str, Any]) -> int:
     return extra + int(stats["unread_bodies"])
 
 
+def reported_matches_resent(reported: int, resent: int, killed: int) -> bool:
+    """What a rerun reports as left in flight is what went out twice, give or take the requests
+    each killed process wrote in the instant of its death.
+
+    A row's intent is recorded in the same step as its request's write to the socket, so the
+    report never says less than went out twice (the money guarantee). It may say more, by a
+    request the kill cut off after that write: a process killed with a response unread in its
+    socket has its connection reset by the kernel, which drops what the server had not read
+    yet. One CI run reported 33 where the server had seen 32. At most one such request per
+    killed process is allowed here."""
+    return resent <= reported <= resent + killed
+
+
 # -- against a local Ray cluster --------------------------------------------------------------
 
 
@@ -289,10 +302,8 @@ def test_a_worker_killed_mid_shard_is_resumed_and_resends_what_it_reported(
         f"\ntest 4: re-sent {resent} ({stats['unread_bodies']} of them unread by the server "
         f"before the kill), reported unanswered {report.resent}, the worker held {permits} permits"
     )
-    # A row's intent is recorded in the same step as its request's write to the socket, so
-    # what the resumed shard reports is exactly what went out twice.
     assert stats["429"] == 0
-    assert resent == report.resent
+    assert reported_matches_resent(report.resent, resent, killed=1)
     assert permits is not None
     # At most the worker's permits in flight plus its writer's commit group (half of them)
     # and what finished while that group was being made durable.
@@ -329,8 +340,8 @@ def test_a_killed_driver_is_finished_by_the_same_command(
     stats = server_stats(base)
     assert read_ids(tmp_path) == list(range(rows))
     assert statuses(tmp_path) == {"ok"}
-    # Only the killed run's unanswered requests went out twice, and the rerun said exactly
-    # how many.
+    # Only the killed run's unanswered requests went out twice, and the rerun said how many
+    # (the driver's kill ends its 4 workers).
     resent = resent_by_server(stats)
     found = re.search(r"(\d+) request\(s\) left in flight", finished.stderr)
     reported = 0 if found is None else int(found.group(1))
@@ -338,7 +349,8 @@ def test_a_killed_driver_is_finished_by_the_same_command(
     # durable (half the permits it holds) and what finished meanwhile (no more than half its
     # permits while an fsync takes less than half the latency): twice the cluster's cap. It
     # was 32 + 4 x 16 while each worker grouped by half the job's max_in_flight.
-    assert resent == reported <= 2 * 32, finished.stderr
+    assert reported <= 2 * 32, finished.stderr
+    assert reported_matches_resent(reported, resent, killed=4), finished.stderr
     assert stats["requests_total"] - before == rows - before + resent
     print(f"\ntest 5: first run {before} requests, re-sent {resent}, reported {reported}")
     again = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
