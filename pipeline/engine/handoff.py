@@ -35,8 +35,9 @@ class WorkQueue:
 
     async def put(self, planned: PlannedRow) -> None:
         """Add a row for the workers; waits while ``size`` rows wait, until half of them are
-        taken. Checks for a cancellation, as a stream's ``send()`` does, without its yield."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        taken. No check for a cancellation when there is room (a stream's ``send()`` makes
+        one): a cancelled producer adds at most ``size`` rows before its next wait or input
+        read raises, and no worker takes them (:meth:`take` checks)."""
         while len(self._rows) >= self._size:
             self._room = anyio.Event()
             await self._room.wait()
