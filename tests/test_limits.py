@@ -300,6 +300,22 @@ def test_the_window_counts_stay_exact_over_minutes_of_grants() -> None:
         window.record(200.0, grant_id, 1)
 
 
+def test_the_window_log_holds_at_most_a_third_more_than_the_window() -> None:
+    """A steady stream of grants: the log's arrays never hold more than 4/3 of the minute's
+    entries (they reached twice the window when cut at half: 13 MB at 6,300 grants a second)."""
+    window = RateWindow(None, None, burst_s=0.5, default_hold_s=1.0)
+    per_second = 1000
+    in_window = int(WINDOW_S * per_second)
+    longest = 0
+    for grant_id in range(1, 300 * per_second):
+        now = grant_id / per_second
+        window.advance(now)
+        window.record(now, grant_id, 10)
+        longest = max(longest, len(window._log._expires))
+    assert window.requests_in_window == in_window
+    assert in_window < longest <= in_window * 4 // 3 + 1
+
+
 def test_pacing_spreads_a_fresh_budget() -> None:
     state = make(max_in_flight=100, requests_per_minute=600, burst_s=1.0, pace_fraction=1.0)
     for _ in range(10):
