@@ -36,7 +36,9 @@ def money(value: Decimal | None, *, known: bool = True) -> str:
     """Dollars for display; an unknown price shows as unknown, never as $0."""
     if value is None or not known:
         return "unknown (no price for this model)"
-    if value and abs(value) < Decimal("0.01"):
+    if not value:
+        return "$0"  # exactly nothing: not $0.0000 beside figures of six decimals
+    if abs(value) < Decimal("0.01"):
         return f"${value:.6f}"
     return f"${value:,.4f}"
 
