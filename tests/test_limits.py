@@ -153,6 +153,39 @@ def test_recovery_after_a_cut_returns_to_the_ceiling_and_then_probes_beyond() ->
     assert caps[-1] >= 40  # and speeds up again once past it
 
 
+def at_hidden_cap(
+    state: LimiterState, grants: list[Grant], limit: int, round_trips: int, start: int = 0
+) -> list[int]:
+    """A saturated job against a hidden cap of ``limit`` at 0.2 s a round trip: a request
+    sent while ``limit`` are in flight is answered 429 at once. The round trips of the 429s."""
+    hits = []
+    for trip in range(start, start + round_trips):
+        for step in range(limit):
+            now = (trip + step / limit) * 0.2
+            fill(state, now, grants)
+            while len(grants) > limit:
+                state.release(now, grants.pop(), outcome="rate_limited")
+                hits.append(trip)
+            state.release(now, grants.pop(0), outcome="ok")
+    return hits
+
+
+def test_probes_that_meet_429s_at_a_steady_limit_back_off_and_a_raised_limit_is_found() -> None:
+    """At the ceiling the cap probes one request higher after 8 round trips, then 16, 32 and
+    at most 64 while each probe meets a 429 there (every 8 round trips: 37 429s in 300);
+    a limit that rose is still found within that."""
+    state = make(max_in_flight=256, initial_in_flight=40, known_ceiling=41, ramp_s=0.0)
+    grants: list[Grant] = []
+    hits = at_hidden_cap(state, grants, 40, 300)
+    gaps = [b - a for a, b in zip([0, *hits], hits, strict=False)]
+    assert [round(gap / 8) for gap in gaps] == [1, 2, 4, 8, 8, 8]
+    assert (state.cap, state.ceiling) == (40, 41)
+    raised = at_hidden_cap(state, grants, 60, 100, start=300)
+    assert raised  # the next probe passes 41, the cap speeds up to the new limit
+    assert raised[0] < 300 + 70
+    assert state.cap >= 58
+
+
 def test_after_slow_start_a_429_above_half_its_ceiling_cuts_gently() -> None:
     """Slow start overshoots the provider's limit (a cluster's workers report their 429s
     late): the first cut's ceiling is high, so a 429 on the way back, above half of it, cuts

@@ -15,8 +15,9 @@ input or a rate budget did, and not while the in-flight count drains down to a c
 - after a 429, by ``step / cap`` per success, i.e. about ``step`` per round trip: below the
   ceiling (the cap at which the last 429 came) ``step`` is the distance back to one under it
   (at least 1), a fast return; within one of the ceiling, 1/8, so the cap holds just under
-  the provider's limit and probes it by one request every 8 round trips; once more than one
-  past it, ``step`` is the distance above it, so probing speeds up again if the limit rose.
+  the provider's limit and probes it by one request every 8 round trips, twice as long after
+  each probe that met a 429 there (up to 64 round trips: a limit that holds is rarely hit);
+  once more than one past it, ``step`` is the distance above it (the limit rose).
 
 A 429 cuts the cap by ``decrease_factor`` (0.5; never below 1), at most once per *congestion
 epoch*: each cut starts a new epoch, and a 429 for a request that was sent before the cut says
@@ -25,11 +26,9 @@ comes where the last one did (the cap within 10% of that ceiling, or above half 
 where slow start ended, up to it; and at least 4) cuts the cap by one request only, with no
 cool-down: the provider's limit is known to be there, the cap itself meters the requests, and
 halving again (or pausing) would idle part of it while the cap climbs back. This finds a
-provider's hidden concurrency limit (DeepSeek answers 429 without any headers) unaided.
-Against a hidden limit of 40 the simulation in the tests keeps all of it in flight on average
-(the cap is 40 or 41) with about 0.3% of requests answered 429 (cutting to 0.85 at a known
-ceiling and probing it every other round trip kept 94%, halving at every 429 87%; plain
-additive increase would average 75%).
+provider's hidden concurrency limit (DeepSeek answers 429 without any headers) unaided:
+against a hidden limit of 40 the simulation in the tests keeps all of it in flight on average
+(halving at every 429 kept 87%; plain additive increase would average 75%).
 
 **Memory across runs.** A run records what it learned (:class:`LearnedLimit`: the cap it
 ended with and the ceiling where its last cut came) and the next run of the job against the
@@ -42,11 +41,10 @@ limit is at that limit from its first seconds.
 ``requests_per_minute`` requests are granted and at most ``tokens_per_minute`` tokens charged,
 paced with a margin (half a second of burst, 1% under the rate) so that a provider that
 enforces the minute per second is not overflowed by bunched arrivals, and lowered or held when
-the provider's ``x-ratelimit-*`` headers say so. A 429 while the minute still has room means
-the provider enforces a shorter window: the pacing tightens (a smaller burst, then a slower
-rate). :class:`RateWindow` in :mod:`pipeline.provider.rate_window` keeps them; its docstring
-draws the rules. A 429 that such headers explain (the budget, not concurrency, ran out) does
-not cut the cap.
+the provider's ``x-ratelimit-*`` headers say so. A 429 while the minute has room means a
+shorter window is enforced: the pacing tightens (a smaller burst, then a slower rate).
+:class:`RateWindow` (:mod:`pipeline.provider.rate_window`) keeps them and draws the rules. A
+429 that such headers explain (the budget ran out, not concurrency) does not cut the cap.
 
 **Cool-down.** A 429 stops all new grants until its ``Retry-After`` has passed when the server
 sent one (always honoured, even for a 429 that does not cut the cap), else, on a cut, for
@@ -94,7 +92,9 @@ Outcome = Literal["ok", "rate_limited", "error"]
 GENTLE_MIN_CAP = 4.0
 """Below this cap, one request less is no gentle cut: a 429 there halves the cap."""
 PROBE_ROUND_TRIPS = 8
-"""At the ceiling where the last 429 came, the cap grows by one per this many round trips."""
+"""At the ceiling where the last 429 came, the cap grows by one per this many round trips,
+twice as many after each probe that met a 429 there, up to ``2**PROBE_BACKOFF`` times."""
+PROBE_BACKOFF = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,13 +107,12 @@ class LimiterConfig:
     initial_in_flight: int | None = None
     """Where the adaptive cap starts; ``None`` means ``min(max_in_flight, 16)``."""
     known_ceiling: int | None = None
-    """Where an earlier run's last 429 cut came (see :func:`start_from`); None: unknown,
-    the cap slow-starts."""
+    """Where an earlier run's last 429 cut came (:func:`start_from`); None: slow start."""
     decrease_factor: float = 0.5
     """The cap is multiplied by this on a 429 (once per congestion epoch)."""
     burst_s: float = 0.5
-    """How many seconds' worth of a per-minute budget may go at once: below one second's
-    worth, so that bunched arrivals fit a provider's bucket of one second."""
+    """Seconds' worth of a per-minute budget that may go at once: under one, so that bunched
+    arrivals fit a provider's bucket of one second."""
     pace_fraction: float = DEFAULT_PACE_FRACTION
     """Per-minute budgets are paced at this fraction of their rate: a hair under the limit."""
     cooldown_s: float = 1.0
@@ -345,6 +344,7 @@ class LimiterState:
         self._ramp_done = 0
         self._ramp_next = -math.inf
         self._cut_streak = 0
+        self._failed_probes = 0  # probes in a row that met a 429 at the ceiling
         self._latency_s: float | None = None  # smoothed round trip of successful requests
         # Counters.
         self._rate_limited = 0
@@ -397,8 +397,7 @@ class LimiterState:
         return self._grant(now, tokens)
 
     def next_change(self, now: float, tokens: int = 0) -> float | None:
-        """When time alone would unblock a request of ``tokens``; ``None`` if nothing
-        time-based blocks it now (it may still need a free slot)."""
+        """When time alone would unblock a request of ``tokens``; None if time blocks nothing."""
         now = self._advance(now)
         ready, _ = self._ready_at(tokens)
         return ready if ready > now else None
@@ -528,8 +527,9 @@ class LimiterState:
         elif self._cap < ceiling - 1:
             step = max(1.0, ceiling - 1 - self._cap)  # back to just under the ceiling, fast
         elif self._cap < ceiling + 1:
-            step = 1 / PROBE_ROUND_TRIPS  # at the ceiling: probe it slowly
+            step = 1 / (PROBE_ROUND_TRIPS << self._failed_probes)  # at it: probe slowly
         else:
+            self._failed_probes = 0
             step = max(1.0, self._cap - ceiling)  # past it: the limit rose, speed up
         self._cap = min(float(self.config.max_in_flight), self._cap + step / self._cap)
 
@@ -548,6 +548,8 @@ class LimiterState:
         cut = grant.epoch == self._epoch and not rate_exhausted(headers, grant.tokens)
         gentle = cut and level >= GENTLE_MIN_CAP and self._near_ceiling(level)
         if cut:
+            probed = gentle and self._ceiling is not None and level >= self._ceiling - 1
+            self._failed_probes = min(PROBE_BACKOFF, self._failed_probes + 1) if probed else 0
             self._overshot = self._ceiling is None
             self._ceiling = level
             self._cap = max(1.0, level - 1.0 if gentle else level * self.config.decrease_factor)
@@ -562,10 +564,9 @@ class LimiterState:
             self._cut_streak += 1
 
     def _near_ceiling(self, level: float) -> bool:
-        """Whether ``level`` (what was in flight) is back where the last 429 came (within
-        10%, or 2 requests), or, after the cut that ended slow start, above half that ceiling
-        up to it (slow start overshoots, the more so in a cluster, whose workers report their
-        429s late): the provider's limit is known there, so a gentle cut suffices."""
+        """Whether ``level`` (in flight) is where the last 429 came (within 10%, or 2), or, after
+        slow start's cut, above half that ceiling up to it (slow start overshoots, more so in a
+        cluster): the provider's limit is known there, so a gentle cut suffices."""
         ceiling = self._ceiling
         if ceiling is None:
             return False
