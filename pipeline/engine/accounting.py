@@ -24,7 +24,7 @@ import anyio
 
 from pipeline.engine.control import RunControl
 from pipeline.engine.stats import RunStats
-from pipeline.money.budget import Budget
+from pipeline.money.budget import ZERO, Budget
 from pipeline.money.pricing import ZERO_USAGE, CostParts, Price, Usage, cost, cost_parts, price_now
 from pipeline.provider.client import Attempt
 from pipeline.provider.limiter import Limiter
@@ -42,8 +42,6 @@ from pipeline.state.timeline import (
     Timeline,
 )
 
-NOTHING = Decimal(0)
-"""What an attempt reserves from no budget."""
 WORST_COSTS_KEPT = 4096
 """Costs remembered, at most: a :class:`Pricing`'s worst costs (one per distinct prompt
 length), and :class:`Accounts`' costs of answers (one per distinct usage)."""
@@ -227,7 +225,7 @@ class Accounts:
         :class:`~pipeline.provider.limits.NeverFitsError` when the request can never fit."""
         tokens = self.pricing.tokens(row)
         budget = self.budget
-        worst = NOTHING if budget is None else await self._reserve(budget, row)
+        worst = ZERO if budget is None else await self._reserve(budget, row)
         price = self.pricing.now()
         try:
             grant = await self._limiter.acquire(tokens)

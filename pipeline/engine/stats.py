@@ -7,12 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from pipeline.money.budget import ZERO
 from pipeline.money.pricing import ZERO_USAGE, CostParts, Usage
 from pipeline.provider.limiter import Limiter
 from pipeline.provider.limits import LimiterSnapshot
 from pipeline.results import RowResult
-
-ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

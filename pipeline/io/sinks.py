@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,29 +54,34 @@ RESULT_SCHEMA = pa.schema(
 RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
 
 
+_RESULT_FIELDS = (
+    "status",
+    "response",
+    "reasoning",
+    "finish_reason",
+    "attempts",
+    "latency_ms",
+    "error",
+    "http_status",
+    "model",
+    "reasks",
+    "response_id",
+)
+"""Columns that are a :class:`RowResult` field of the same name."""
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+"""Columns that are a field of the result's usage of the same name."""
+
+
 def result_arrays(results: Sequence[RowResult]) -> list[pa.Array]:
     """Columns of :data:`RESULT_SCHEMA` for ``results``, in order (one list per column, each
     made in one pass: half the work of appending every field of every row to its list)."""
     usages = [r.usage for r in results]
-    columns: dict[str, list[object]] = {
-        "status": [r.status for r in results],
-        "response": [r.response for r in results],
-        "reasoning": [r.reasoning for r in results],
-        "finish_reason": [r.finish_reason for r in results],
-        "prompt_tokens": [u.prompt_tokens for u in usages],
-        "completion_tokens": [u.completion_tokens for u in usages],
-        "cached_tokens": [u.cached_tokens for u in usages],
-        "reasoning_tokens": [u.reasoning_tokens for u in usages],
-        "cost_usd": [None if r.cost_usd is None else float(r.cost_usd) for r in results],
-        "attempts": [r.attempts for r in results],
-        "latency_ms": [r.latency_ms for r in results],
-        "error": [r.error for r in results],
-        "http_status": [r.http_status for r in results],
-        "model": [r.model for r in results],
-        "reasks": [r.reasks for r in results],
-        "tool_calls": [[call.to_dict() for call in r.tool_calls] or None for r in results],
-        "response_id": [r.response_id for r in results],
+    columns: dict[str, list[Any]] = {
+        name: list(map(attrgetter(name), results)) for name in _RESULT_FIELDS
     }
+    columns.update({name: list(map(attrgetter(name), usages)) for name in _USAGE_FIELDS})
+    columns["cost_usd"] = [None if r.cost_usd is None else float(r.cost_usd) for r in results]
+    columns["tool_calls"] = [[call.to_dict() for call in r.tool_calls] or None for r in results]
     return [pa.array(columns[field.name], type=field.type) for field in RESULT_SCHEMA]
 
 

@@ -244,8 +244,6 @@ class RateWindow:
         """How often a 429 with room left in the window tightened the pacing."""
         self._default_hold_s = default_hold_s
         """How long an empty budget holds grants when the headers give no reset time."""
-        self._server_rpm: int | None = None
-        self._server_tpm: int | None = None
         self.requests_per_minute = requests_per_minute
         """The budget in force: configured, or lower when the server said so (kept, not
         worked out on each of the several reads every request makes)."""
@@ -336,13 +334,11 @@ class RateWindow:
         """Adopt the limits ``headers`` advertise, and hold grants while they show a budget
         used up by a request of ``tokens`` that just came back."""
         if headers.limit_requests:
-            self._server_rpm = headers.limit_requests
-            self.requests_per_minute = _lower(self._configured_rpm, self._server_rpm)
+            self.requests_per_minute = _lower(self._configured_rpm, headers.limit_requests)
             if self._request_pacer is not None and self.requests_per_minute is not None:
                 self._request_pacer.resize(self.requests_per_minute, now)
         if headers.limit_tokens:
-            self._server_tpm = headers.limit_tokens
-            self.tokens_per_minute = _lower(self._configured_tpm, self._server_tpm)
+            self.tokens_per_minute = _lower(self._configured_tpm, headers.limit_tokens)
             if self._token_pacer is not None and self.tokens_per_minute is not None:
                 self._token_pacer.resize(self.tokens_per_minute, now)
         self.advance(now)  # creates pacers for budgets learned just now
